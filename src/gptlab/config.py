@@ -1,0 +1,271 @@
+"""Typed, frozen configuration: one dataclass per section of params.yaml, validated at load.
+
+Every mistake is reported before any expensive work, as `ConfigError("<file>: <section.key>: <what> — <fix>")`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+TOKENIZER_KINDS = ("bpe", "gpt2", "char")
+DATA_SOURCES = ("world",)
+
+
+class ConfigError(ValueError):
+    """A params.yaml mistake; the message names the key and says how to fix it."""
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """The embedded default world: a seeded generator of facts, documents and eval sets."""
+
+    n_people: int = 400  # people in the world; each has one value for every attribute
+    bios_per_person: int = 12  # pretraining biographies per person, each in fresh wording and order
+    val_bios_per_person: int = 1  # validation biographies per person (same facts, new wording)
+    wordings: int = 4  # sentence templates per attribute used in biographies (1 = every fact in one wording)
+    n_arithmetic: int = 4000  # arithmetic documents ("3 + 4 = 7") in the pretraining corpus
+    max_operand: int = 20  # arithmetic operands are drawn from 0..max_operand
+    heldout_frac: float = 0.2  # share of people whose facts never appear in SFT (held-out questions)
+    preferred_frac: float = 0.4  # share of SFT answers in the preferred (terse) style; the rest are padded
+    n_choices: int = 4  # endings per multiple-choice item
+
+    def check(self, where: str) -> None:
+        _require(self.n_people >= 20, f"{where}.n_people", "must be at least 20 (the world needs held-out people)")
+        _require(self.bios_per_person >= 1, f"{where}.bios_per_person", "must be at least 1")
+        _require(self.val_bios_per_person >= 1, f"{where}.val_bios_per_person", "must be at least 1")
+        _require(self.wordings >= 1, f"{where}.wordings", "must be at least 1")
+        _require(self.n_arithmetic >= 0, f"{where}.n_arithmetic", "must be 0 or more")
+        _require(self.max_operand >= 1, f"{where}.max_operand", "must be at least 1")
+        _require(0.0 < self.heldout_frac < 1.0, f"{where}.heldout_frac", "must lie strictly between 0 and 1")
+        _require(0.0 <= self.preferred_frac <= 1.0, f"{where}.preferred_frac", "must lie in [0, 1]")
+        _require(2 <= self.n_choices <= 8, f"{where}.n_choices", "must lie in 2..8")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "world"  # where documents come from; "world" is the embedded default
+    world: WorldConfig = field(default_factory=WorldConfig)
+
+    def check(self, where: str) -> None:
+        _require(self.source in DATA_SOURCES, f"{where}.source", f"must be one of {DATA_SOURCES}")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    kind: str = "bpe"  # bpe (trained on the corpus) | gpt2 (exact GPT-2 ids) | char
+    vocab_size: int = 2048  # bpe only: target vocabulary incl. 256 byte tokens and <|endoftext|>
+
+    def check(self, where: str) -> None:
+        _require(self.kind in TOKENIZER_KINDS, f"{where}.kind", f"must be one of {TOKENIZER_KINDS}")
+        _require(self.vocab_size >= 258, f"{where}.vocab_size", "must be at least 258 (256 bytes + 1 merge + EOT)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 128  # residual width (channels C)
+    block_size: int = 128  # context length in tokens (T); also the sequence cap for sft and dpo
+    bias: bool = True  # biases in Linear and LayerNorm layers, as in GPT-2
+    dropout: float = 0.0  # dropout probability in attention, MLP and embeddings
+
+    def check(self, where: str) -> None:
+        for key in ("n_layer", "n_head", "n_embd", "block_size"):
+            _require(getattr(self, key) >= 1, f"{where}.{key}", "must be at least 1")
+        _require(
+            self.n_embd % self.n_head == 0,
+            f"{where}.n_embd",
+            f"{self.n_embd} is not divisible by {where}.n_head={self.n_head}; pick n_embd as a multiple of n_head",
+        )
+        _require(0.0 <= self.dropout < 1.0, f"{where}.dropout", "must lie in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What pretrain, sft and dpo share: the optimizer, schedule, batch geometry and logging cadence."""
+
+    max_steps: int = 1000  # optimizer steps
+    micro_batch_size: int = 16  # sequences per forward pass, per process
+    tokens_per_step: int = 16384  # sequence slots x block_size per optimizer step, all processes together
+    lr: float = 1.0e-3  # peak learning rate
+    min_lr: float = 1.0e-4  # floor the cosine decays to
+    warmup_steps: int = 50  # linear warmup from 0 to lr
+    weight_decay: float = 0.1  # AdamW decay, applied to matrices only (not biases, LayerNorm)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    eval_interval: int = 100  # evaluate every N steps (and at the last step)
+    eval_batches: int = 8  # micro-batches per evaluation
+    log_interval: int = 10  # one log line and one dvclive step every N steps
+
+    def check(self, where: str) -> None:
+        for key in ("max_steps", "micro_batch_size", "tokens_per_step", "eval_interval", "eval_batches", "log_interval"):
+            _require(getattr(self, key) >= 1, f"{where}.{key}", "must be at least 1")
+        _require(self.lr > 0, f"{where}.lr", "must be positive")
+        _require(
+            0 <= self.min_lr <= self.lr,
+            f"{where}.min_lr",
+            f"must lie in [0, {where}.lr={self.lr}]",
+        )
+        _require(
+            0 <= self.warmup_steps <= self.max_steps,
+            f"{where}.warmup_steps",
+            f"must lie in [0, {where}.max_steps={self.max_steps}]",
+        )
+        _require(self.weight_decay >= 0, f"{where}.weight_decay", "must be 0 or more")
+        for key in ("beta1", "beta2"):
+            _require(0 <= getattr(self, key) < 1, f"{where}.{key}", "must lie in [0, 1)")
+        _require(self.grad_clip >= 0, f"{where}.grad_clip", "must be 0 (off) or positive")
+
+    def grad_accum_steps(self, block_size: int, world_size: int, where: str) -> int:
+        """tokens_per_step / (micro_batch_size * block_size * world_size), which must divide exactly."""
+        per_micro = self.micro_batch_size * block_size * world_size
+        _require(
+            self.tokens_per_step % per_micro == 0,
+            f"{where}.tokens_per_step",
+            f"{self.tokens_per_step} is not a multiple of micro_batch_size*block_size*processes = "
+            f"{self.micro_batch_size}*{block_size}*{world_size} = {per_micro}; set it to a multiple of {per_micro}",
+        )
+        return self.tokens_per_step // per_micro
+
+
+@dataclass(frozen=True)
+class DPOConfig(TrainConfig):
+    beta: float = 0.1  # DPO temperature: how far the policy may move from the reference
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        _require(self.beta > 0, f"{where}.beta", "must be positive")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    max_new_tokens: int = 40  # greedy answer length cap for exact match and style share
+    max_questions: int = 400  # held-out questions scored per model (0 = all)
+    max_mc_items: int = 400  # multiple-choice items scored per model (0 = all)
+    val_batches: int = 16  # micro-batches of the val shard for val_loss
+    micro_batch_size: int = 32  # sequences per forward pass
+    n_samples: int = 4  # fixed prompts sampled per model into samples.md
+    temperature: float = 0.8  # sampling temperature for samples.md
+    top_k: int = 50
+    top_p: float = 0.9
+
+    def check(self, where: str) -> None:
+        for key in ("max_new_tokens", "val_batches", "micro_batch_size"):
+            _require(getattr(self, key) >= 1, f"{where}.{key}", "must be at least 1")
+        for key in ("max_questions", "max_mc_items", "n_samples", "top_k"):
+            _require(getattr(self, key) >= 0, f"{where}.{key}", "must be 0 or more")
+        _require(self.temperature >= 0, f"{where}.temperature", "must be 0 (greedy) or positive")
+        _require(0 < self.top_p <= 1, f"{where}.top_p", "must lie in (0, 1]")
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 1337  # one seed for the world, initialisation and data order
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    sft: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def check(self, where: str) -> None:
+        _require(self.seed >= 0, "seed", "must be 0 or more")
+
+
+def _require(ok: bool, key: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {fix}")
+
+
+def _coerce(tp, value, key: str):
+    """Check `value` against the annotated type `tp`; ints widen to float, nothing else converts."""
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            hint = ""
+            try:
+                float(value)
+                hint = f" (YAML reads '{value}' as text: write it with a decimal point and signed exponent, e.g. 2.0e-4)"
+            except ValueError:
+                pass
+            raise ConfigError(f"{key}: expected a number, got the string {value!r}{hint}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (tuple, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, *_rest) = typing.get_args(tp)
+        return tuple(_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # a programming error, not a user one
+
+
+def _build(cls, raw, where: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'params'}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            did_you_mean = f"; did you mean '{close[0]}'?" if close else ""
+            full = f"{where}.{key}" if where else str(key)
+            raise ConfigError(f"{full}: unknown key (valid keys: {', '.join(names)}){did_you_mean}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in raw.items()}
+    obj = cls(**kwargs)
+    obj.check(where)
+    return obj
+
+
+def parse_params(raw: dict) -> Params:
+    """Validate a parsed params mapping; raises ConfigError naming the first bad key."""
+    return _build(Params, raw, "")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: not found; run from the project root or pass the path to params.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    try:
+        return parse_params(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def to_dict(obj) -> dict:
+    """A plain dict of a config dataclass, for meta.json."""
+    return dataclasses.asdict(obj)
+
+
+__all__ = [
+    "ConfigError", "WorldConfig", "DataConfig", "TokenizerConfig", "ModelConfig", "TrainConfig", "DPOConfig",
+    "EvaluateConfig", "Params", "parse_params", "load_params", "to_dict",
+]

@@ -1,0 +1,110 @@
+"""Measurements shared by the training stages' evals and the evaluate stage. All run under no_grad.
+
+- shard_loss: mean next-token loss on fixed windows of a token shard (val_loss; perplexity = exp).
+- examples_loss: mean loss on response tokens of prompt/response examples.
+- pair_logps: summed response log-probs of (chosen, rejected) pairs.
+- multiple_choice: HellaSwag-style acc (highest summed log-prob of the ending) and acc_norm (highest
+  log-prob per byte of the ending, HellaSwag's length normalisation).
+- greedy_answers: greedy responses to questions in the prompt template.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gptlab.data.formats import Example, collate, format_prompt
+from gptlab.losses import IGNORE, sequence_logps, token_loss
+from gptlab.sampling import generate
+from gptlab.tokenizer import Tokenizer
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def eval_windows(n_tokens: int, block_size: int, n_windows: int) -> np.ndarray:
+    """Evenly spaced window starts over the shard, the same every call, so val_loss is comparable."""
+    last = n_tokens - block_size - 1
+    if last < 0:
+        raise ValueError(f"shard of {n_tokens} tokens is shorter than model.block_size+1={block_size + 1}")
+    return np.linspace(0, last, num=n_windows).astype(np.int64)
+
+
+@torch.no_grad()
+def shard_loss(model, tokens: np.ndarray, block_size: int, n_batches: int, micro_batch_size: int) -> float:
+    starts = eval_windows(len(tokens), block_size, n_batches * micro_batch_size)
+    losses = []
+    for i in range(0, len(starts), micro_batch_size):
+        idx, targets = windows(tokens, starts[i : i + micro_batch_size], block_size, device_of(model))
+        losses.append(token_loss(model(idx), targets).item())
+    return float(np.mean(losses))
+
+
+def windows(tokens: np.ndarray, starts, block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """idx (B, T) and targets (B, T) = the same windows shifted by one token."""
+    rows = np.stack([tokens[s : s + block_size + 1].astype(np.int64) for s in starts])
+    batch = torch.from_numpy(rows).to(device)
+    return batch[:, :-1], batch[:, 1:]
+
+
+@torch.no_grad()
+def examples_loss(model, examples: list[Example], micro_batch_size: int, pad_id: int) -> float:
+    """Token-weighted mean loss over the response tokens of all examples."""
+    total, count = 0.0, 0
+    for i in range(0, len(examples), micro_batch_size):
+        idx, targets = collate(examples[i : i + micro_batch_size], pad_id)
+        idx, targets = idx.to(device_of(model)), targets.to(device_of(model))
+        n = int((targets != IGNORE).sum())
+        total += token_loss(model(idx), targets).item() * n
+        count += n
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def pair_logps(model, pairs: list[tuple[Example, Example]], micro_batch_size: int, pad_id: int):
+    """Summed response log-probs: (chosen (N,), rejected (N,)) as float tensors on the CPU."""
+    chosen, rejected = [], []
+    for i in range(0, len(pairs), micro_batch_size):
+        chunk = pairs[i : i + micro_batch_size]
+        logps = batch_pair_logps(model, chunk, pad_id)
+        chosen.append(logps[0].cpu())
+        rejected.append(logps[1].cpu())
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def batch_pair_logps(model, pairs: list[tuple[Example, Example]], pad_id: int):
+    """One forward pass over chosen and rejected stacked (2B rows); returns (chosen (B,), rejected (B,))."""
+    idx, targets = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
+    idx, targets = idx.to(device_of(model)), targets.to(device_of(model))
+    logps = sequence_logps(model(idx), targets)
+    return logps[: len(pairs)], logps[len(pairs) :]
+
+
+@torch.no_grad()
+def multiple_choice(model, tok: Tokenizer, items: list[dict], micro_batch_size: int) -> dict[str, float]:
+    """Score every ending by its summed log-prob after ctx; acc picks the max, acc_norm the max per byte."""
+    examples, byte_lens = [], []
+    for item in items:
+        ctx = tok.encode(item["ctx"])
+        for ending in item["endings"]:
+            examples.append(Example(ctx + tok.encode(ending), len(ctx)))
+            byte_lens.append(len(ending.encode()))
+    scores = []
+    for i in range(0, len(examples), micro_batch_size):
+        idx, targets = collate(examples[i : i + micro_batch_size], tok.eot_id)
+        scores.append(sequence_logps(model(idx.to(device_of(model))), targets.to(device_of(model))).cpu())
+    logps = torch.cat(scores).numpy()
+    hits, hits_norm, k = 0, 0, 0
+    for item in items:
+        n = len(item["endings"])
+        s = logps[k : k + n]
+        hits += int(np.argmax(s) == item["label"])
+        hits_norm += int(np.argmax(s / np.array(byte_lens[k : k + n])) == item["label"])
+        k += n
+    return {"acc": hits / len(items), "acc_norm": hits_norm / len(items)}
+
+
+def greedy_answers(model, tok: Tokenizer, questions: list[str], max_new_tokens: int) -> list[str]:
+    prompts = [tok.encode(format_prompt(q)) for q in questions]
+    outs = generate(model, prompts, max_new_tokens, temperature=0.0, stop_id=tok.eot_id)
+    return [tok.decode(o) for o in outs]

@@ -1,0 +1,26 @@
+"""Where each stage reads and writes, relative to the project root. dvc.yaml declares the same paths
+(tests/test_dvc_yaml.py checks they agree), so a stage never writes anything DVC does not track."""
+from pathlib import Path
+
+DATA = Path("data")
+TOKENIZER = DATA / "tokenizer"
+TRAIN_SHARD = DATA / "train.bin"
+VAL_SHARD = DATA / "val.bin"
+SFT_TRAIN = DATA / "sft_train.jsonl"
+SFT_HELDOUT = DATA / "sft_heldout.jsonl"
+PREFS_TRAIN = DATA / "prefs_train.jsonl"
+PREFS_HELDOUT = DATA / "prefs_heldout.jsonl"
+MC_EVAL = DATA / "mc_eval.jsonl"
+DATA_INFO = DATA / "info.json"  # corpus statistics, incl. the entropy floor in nats per token
+
+CHECKPOINTS = Path("checkpoints")
+METRICS = Path("metrics")
+TRAIN_STAGES = ("pretrain", "sft", "dpo")
+
+
+def checkpoint_dir(stage: str) -> Path:
+    return CHECKPOINTS / stage
+
+
+def metrics_dir(stage: str) -> Path:
+    return METRICS / stage

@@ -1,0 +1,54 @@
+"""Start-up shared by the stage scripts: params, accelerator, seed, inherited checkpoints, announcements."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from gptlab import paths
+from gptlab.checkpoint import load_checkpoint
+from gptlab.config import Params, load_params
+from gptlab.tokenizer import Tokenizer, load_tokenizer
+from gptlab.train import say
+
+
+def start(stage: str) -> tuple[Params, Accelerator]:
+    """Validate params.yaml before anything expensive, then set up devices and seeds."""
+    params = load_params()
+    accelerator = Accelerator()
+    set_seed(params.seed)  # same init on every process; data order differs by process_index below
+    say(accelerator, f"[{stage}] {accelerator.num_processes} process(es), {accelerator.distributed_type}, device {accelerator.device}")
+    return params, accelerator
+
+
+def tokenizer_for(stage: str, expected_fingerprint: str) -> Tokenizer:
+    """The tokenize stage's tokenizer, which must be the one the inputs were made with."""
+    tok = load_tokenizer(paths.TOKENIZER)
+    if tok.fingerprint != expected_fingerprint:
+        raise ValueError(
+            f"[{stage}] {paths.TOKENIZER} has fingerprint {tok.fingerprint} but the input was made with "
+            f"{expected_fingerprint}; rerun the pipeline from tokenize (dvc repro)"
+        )
+    return tok
+
+
+def inherit(stage: str, parent: str, device):
+    """Load the parent stage's checkpoint and say what this stage inherits from it."""
+    model, meta = load_checkpoint(paths.checkpoint_dir(parent), device)
+    tok = tokenizer_for(stage, meta["tokenizer"]["fingerprint"])
+    return model, meta, tok
+
+
+def announce(accelerator: Accelerator, stage: str, lines: dict) -> None:
+    say(accelerator, f"[{stage}] " + " | ".join(f"{k} {v}" for k, v in lines.items()))
+
+
+def stage_meta(stage: str, params: Params, sections: tuple[str, ...], tok: Tokenizer, parent: str | None) -> dict:
+    """What a checkpoint records about how it was made."""
+    return {
+        "stage": stage,
+        "init_from": str(paths.checkpoint_dir(parent)) if parent else "scratch",
+        "tokenizer": tok.describe(),
+        "params": {"seed": params.seed, **{s: asdict(getattr(params, s)) for s in sections}},
+    }

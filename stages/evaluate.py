@@ -1,0 +1,98 @@
+"""evaluate: measure the pretrain, sft and dpo checkpoints on the same held-out sets.
+
+Writes metrics/evaluate/metrics.json keyed by model (so `dvc metrics show` reads as a table) and
+metrics/evaluate/samples.md with fixed-prompt samples from each model.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from gptlab import paths
+from gptlab.checkpoint import load_checkpoint
+from gptlab.data.formats import encode_pairs, format_prompt
+from gptlab.data.shards import read_shard
+from gptlab.data.world import answer_matches, style_of
+from gptlab.evaluation import greedy_answers, multiple_choice, pair_logps, shard_loss
+from gptlab.fileio import atomic_write_json, atomic_write_text, read_jsonl
+from gptlab.sampling import generate
+from gptlab.stage import announce, start, tokenizer_for
+
+MODELS = ("pretrain", "sft", "dpo")
+
+
+def take(rows: list, n: int) -> list:
+    return rows if n == 0 else rows[:n]
+
+
+def answer_metrics(model, tok, questions: list[dict], max_new_tokens: int) -> tuple[dict, list[str]]:
+    answers = greedy_answers(model, tok, [q["question"] for q in questions], max_new_tokens)
+    exact = [answer_matches(a, q["answer"], q["candidates"]) for a, q in zip(answers, questions)]
+    preferred = [style_of(a) == "preferred" for a in answers]
+    return {"exact_match": sum(exact) / len(exact), "preferred_style": sum(preferred) / len(preferred)}, answers
+
+
+def preference_metrics(model, pairs, ref_logps, micro_batch_size: int, pad_id: int, beta: float) -> dict:
+    """Share of held-out pairs where the chosen response is more likely; with a reference also the share
+    where the implicit reward beta*(logp - ref_logp) of chosen beats rejected (the policy's own preference)."""
+    chosen, rejected = pair_logps(model, pairs, micro_batch_size, pad_id)
+    out = {"pref_acc": (chosen > rejected).float().mean().item()}
+    if ref_logps is not None:
+        margin = beta * ((chosen - ref_logps[0]) - (rejected - ref_logps[1]))
+        out["reward_acc"] = (margin > 0).float().mean().item()
+    return out
+
+
+def samples(model, tok, prompts: list[str], ecfg, seed: int) -> list[str]:
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    outs = generate(model, [tok.encode(p) for p in prompts], ecfg.max_new_tokens, temperature=ecfg.temperature,
+                    top_k=ecfg.top_k, top_p=ecfg.top_p, stop_id=tok.eot_id, generator=gen)
+    return [tok.decode(o) for o in outs]
+
+
+def main() -> None:
+    params, accelerator = start("evaluate")
+    if not accelerator.is_main_process:  # evaluation is small; one process does it all
+        return
+    ecfg, device = params.evaluate, accelerator.device
+    info = json.loads(paths.DATA_INFO.read_text())
+    val = read_shard(paths.VAL_SHARD)
+    tok = tokenizer_for("evaluate", val.fingerprint)
+    questions = take(read_jsonl(paths.SFT_HELDOUT), ecfg.max_questions)
+    mc_items = take(read_jsonl(paths.MC_EVAL), ecfg.max_mc_items)
+    heldout_pairs = read_jsonl(paths.PREFS_HELDOUT)
+    prompts = [format_prompt(q["question"]) for q in questions[: ecfg.n_samples // 2]]
+    prompts += [item["ctx"] for item in mc_items[: ecfg.n_samples - len(prompts)]]
+
+    metrics: dict[str, dict] = {"data": {"entropy_floor": info["entropy_floor"], "ln_vocab": math.log(tok.n_vocab)}}
+    report = ["# Samples", "", f"temperature {ecfg.temperature}, top_k {ecfg.top_k}, top_p {ecfg.top_p}", ""]
+    ref_logps = None
+    for name in MODELS:
+        model, meta = load_checkpoint(paths.checkpoint_dir(name), device)
+        tokenizer_for("evaluate", meta["tokenizer"]["fingerprint"])
+        model.eval()
+        T = model.config.block_size
+        pairs = encode_pairs(tok, heldout_pairs, T, str(paths.PREFS_HELDOUT))
+        val_loss = shard_loss(model, val.tokens, T, ecfg.val_batches, ecfg.micro_batch_size)
+        m = {"val_loss": val_loss, "perplexity": math.exp(val_loss)}
+        m |= multiple_choice(model, tok, mc_items, ecfg.micro_batch_size)
+        answers, _ = answer_metrics(model, tok, questions, ecfg.max_new_tokens)
+        m |= answers
+        beta = params.dpo.beta
+        m |= preference_metrics(model, pairs, ref_logps if name == "dpo" else None, ecfg.micro_batch_size, tok.eot_id, beta)
+        if name == "sft":  # the sft model is the dpo model's reference
+            ref_logps = pair_logps(model, pairs, ecfg.micro_batch_size, tok.eot_id)
+        metrics[name] = m
+        announce(accelerator, f"evaluate {name}", {k: f"{v:.4f}" for k, v in m.items()})
+        report += [f"## {name}", ""]
+        for prompt, text in zip(prompts, samples(model, tok, prompts, ecfg, params.seed)):
+            report += ["```", prompt + text, "```", ""]
+
+    atomic_write_json(paths.metrics_dir("evaluate") / "metrics.json", metrics)
+    atomic_write_text(paths.metrics_dir("evaluate") / "samples.md", "\n".join(report))
+
+
+if __name__ == "__main__":
+    main()

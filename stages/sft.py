@@ -1,0 +1,51 @@
+"""sft: supervised fine-tuning of the pretrained model on question/response pairs, loss on responses only."""
+from __future__ import annotations
+
+import numpy as np
+
+from gptlab import paths
+from gptlab.data.formats import collate, encode_examples
+from gptlab.evaluation import examples_loss
+from gptlab.fileio import read_jsonl
+from gptlab.losses import token_loss
+from gptlab.stage import announce, inherit, stage_meta, start
+from gptlab.train import Task, open_live, train
+
+
+def main() -> None:
+    params, accelerator = start("sft")
+    cfg = params.sft
+    model, parent_meta, tok = inherit("sft", "pretrain", accelerator.device)
+    T = model.config.block_size
+    examples = encode_examples(tok, read_jsonl(paths.SFT_TRAIN), T, str(paths.SFT_TRAIN))
+    heldout = encode_examples(tok, read_jsonl(paths.SFT_HELDOUT), T, str(paths.SFT_HELDOUT))
+    heldout = heldout[: cfg.eval_batches * cfg.micro_batch_size]
+    grad_accum = cfg.grad_accum_steps(T, accelerator.num_processes, "sft")
+    announce(accelerator, "sft", {
+        "init": f"{paths.checkpoint_dir('pretrain')} (step {parent_meta['step']}, {model.num_params() / 1e6:.2f}M params)",
+        "examples": len(examples),
+        "grad_accum": grad_accum,
+        "epochs": f"{cfg.max_steps * cfg.tokens_per_step / T / len(examples):.1f}",
+    })
+
+    rng = np.random.default_rng(params.seed + accelerator.process_index)
+
+    def next_batch():
+        chosen = rng.integers(0, len(examples), cfg.micro_batch_size)
+        idx, targets = collate([examples[i] for i in chosen], tok.eot_id)
+        return idx.to(accelerator.device), targets.to(accelerator.device)
+
+    def loss(m, batch):
+        idx, targets = batch
+        return token_loss(m(idx), targets), {}, idx.numel()
+
+    def evaluate(m):
+        return {"val_loss": examples_loss(m, heldout, cfg.micro_batch_size, tok.eot_id)}
+
+    meta = stage_meta("sft", params, ("sft",), tok, parent="pretrain")
+    live = open_live(paths.metrics_dir("sft"), accelerator)
+    train(model, Task(next_batch, loss, evaluate), cfg, grad_accum, accelerator, live, paths.checkpoint_dir("sft"), meta)
+
+
+if __name__ == "__main__":
+    main()
