@@ -14,7 +14,7 @@ from gptlab.data.formats import encode_pairs
 from gptlab.evaluation import batch_pair_logps, pair_logps
 from gptlab.fileio import read_jsonl
 from gptlab.losses import dpo_loss
-from gptlab.stage import announce, inherit, stage_meta, start
+from gptlab.stage import run, announce, inherit, stage_meta, start
 from gptlab.train import Task, open_live, train
 
 
@@ -70,10 +70,10 @@ def main() -> None:
         value, cr, rj = dpo_loss(pc, pr, held_ref[0], held_ref[1], cfg.beta)
         return {"val_loss": value.item(), "val_rewards/accuracies": (cr > rj).float().mean().item()}
 
-    meta = stage_meta("dpo", params, ("dpo",), tok, parent="sft")
+    meta = stage_meta("dpo", params, ("dpo",), parent="sft")
     live = open_live(paths.metrics_dir("dpo"), accelerator)
-    train(policy, Task(next_batch, loss, evaluate), cfg, grad_accum, accelerator, live, paths.checkpoint_dir("dpo"), meta)
+    train(policy, Task(next_batch, loss, evaluate), cfg, grad_accum, accelerator, live, paths.checkpoint_dir("dpo"), meta, tok)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

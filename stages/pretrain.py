@@ -1,16 +1,18 @@
 """pretrain: a GPT from scratch on the token shards, next-token loss on random windows."""
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 
 import numpy as np
 
 from gptlab import paths
+from gptlab.config import GptlabError
 from gptlab.data.shards import read_shard
 from gptlab.evaluation import shard_loss, windows
 from gptlab.losses import token_loss
 from gptlab.model import GPT, GPTConfig
-from gptlab.stage import announce, stage_meta, start, tokenizer_for
+from gptlab.stage import run, announce, stage_meta, start, tokenizer_for
 from gptlab.tokenizer import padded_vocab_size
 from gptlab.train import Task, open_live, train
 
@@ -22,10 +24,16 @@ def main() -> None:
     tok = tokenizer_for("pretrain", train_shard.fingerprint)
     for shard in (train_shard, val_shard):
         if len(shard.tokens) < T + 2:
-            raise ValueError(
+            raise GptlabError(
                 f"model.block_size={T} needs at least {T + 2} tokens but {shard.path} has {len(shard.tokens)}; "
                 "lower model.block_size or add data"
             )
+    longest = json.loads(paths.DATA_INFO.read_text())["longest_example"]
+    if longest > T + 1:  # sft and dpo inherit this model's block_size: fail now, not after pretraining
+        raise GptlabError(
+            f"model.block_size={T} fits {T + 1} tokens but the longest sft/preference example has {longest}; "
+            f"raise model.block_size to at least {longest - 1}"
+        )
     grad_accum = cfg.grad_accum_steps(T, accelerator.num_processes, "pretrain")
     model = GPT(GPTConfig(**asdict(params.model), vocab_size=padded_vocab_size(tok.n_vocab)))
     announce(accelerator, "pretrain", {
@@ -49,10 +57,10 @@ def main() -> None:
     def evaluate(m):
         return {"val_loss": shard_loss(m, val_shard.tokens, T, cfg.eval_batches, cfg.micro_batch_size)}
 
-    meta = stage_meta("pretrain", params, ("data", "tokenizer", "model", "pretrain"), tok, parent=None)
+    meta = stage_meta("pretrain", params, ("data", "tokenizer", "model", "pretrain"), parent=None)
     live = open_live(paths.metrics_dir("pretrain"), accelerator)
-    train(model, Task(next_batch, loss, evaluate), cfg, grad_accum, accelerator, live, paths.checkpoint_dir("pretrain"), meta)
+    train(model, Task(next_batch, loss, evaluate), cfg, grad_accum, accelerator, live, paths.checkpoint_dir("pretrain"), meta, tok)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

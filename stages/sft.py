@@ -8,7 +8,7 @@ from gptlab.data.formats import collate, encode_examples
 from gptlab.evaluation import examples_loss
 from gptlab.fileio import read_jsonl
 from gptlab.losses import token_loss
-from gptlab.stage import announce, inherit, stage_meta, start
+from gptlab.stage import run, announce, inherit, stage_meta, start
 from gptlab.train import Task, open_live, train
 
 
@@ -42,10 +42,10 @@ def main() -> None:
     def evaluate(m):
         return {"val_loss": examples_loss(m, heldout, cfg.micro_batch_size, tok.eot_id)}
 
-    meta = stage_meta("sft", params, ("sft",), tok, parent="pretrain")
+    meta = stage_meta("sft", params, ("sft",), parent="pretrain")
     live = open_live(paths.metrics_dir("sft"), accelerator)
-    train(model, Task(next_batch, loss, evaluate), cfg, grad_accum, accelerator, live, paths.checkpoint_dir("sft"), meta)
+    train(model, Task(next_batch, loss, evaluate), cfg, grad_accum, accelerator, live, paths.checkpoint_dir("sft"), meta, tok)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

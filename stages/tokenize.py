@@ -3,10 +3,11 @@ evaluation sets, and the corpus statistics (incl. the entropy floor in nats per 
 from __future__ import annotations
 
 from gptlab import paths
+from gptlab.data.formats import encode_examples, encode_pairs
 from gptlab.data.shards import write_shard
 from gptlab.data.world import build_world
 from gptlab.fileio import atomic_write_json, write_jsonl
-from gptlab.stage import announce, start
+from gptlab.stage import run, announce, start
 from gptlab.tokenizer import train_tokenizer
 
 
@@ -16,7 +17,12 @@ def main() -> None:
         return
     world = build_world(params.data.world, params.seed)
     docs = {split: world.pretrain_docs(split) for split in ("train", "val")}
-    tok = train_tokenizer(params.tokenizer, docs["train"])
+    sft_train, prefs_train = world.sft_examples("train"), world.preference_pairs("train")
+    # The tokenizer learns from everything the models train on (never the held-out sets), so the
+    # prompt template and answer phrasings get real tokens rather than byte fragments.
+    finetune_text = [r["question"] + r["response"] for r in sft_train]
+    finetune_text += [r["question"] + r["chosen"] + r["rejected"] for r in prefs_train]
+    tok = train_tokenizer(params.tokenizer, docs["train"] + finetune_text)
     tok.save(paths.TOKENIZER)
 
     n_tokens = {}
@@ -25,17 +31,21 @@ def main() -> None:
 
     # evaluation records carry the candidate answers, so scoring needs no knowledge of the world
     heldout = [{**row, "candidates": list(world.candidates(row["attribute"]))} for row in world.sft_examples("heldout")]
-    write_jsonl(paths.SFT_TRAIN, world.sft_examples("train"))
+    write_jsonl(paths.SFT_TRAIN, sft_train)
     write_jsonl(paths.SFT_HELDOUT, heldout)
-    write_jsonl(paths.PREFS_TRAIN, world.preference_pairs("train"))
+    write_jsonl(paths.PREFS_TRAIN, prefs_train)
     write_jsonl(paths.PREFS_HELDOUT, world.preference_pairs("heldout"))
     write_jsonl(paths.MC_EVAL, world.mc_items())
 
     # The generator knows how many nats of random choice went into each split; per token of the val shard
     # this is the loss a model that memorised the world's facts could reach.
     floor = world.corpus_nats("val") / n_tokens["val"]
+    # the longest prompt+response any later stage trains on: pretrain checks model.block_size against it
+    longest = max(len(e.ids) for e in encode_examples(tok, sft_train + heldout, 10**9, "sft"))
+    longest = max(longest, *(len(e.ids) for p in encode_pairs(tok, prefs_train, 10**9, "prefs") for e in p))
     info = {
         "tokenizer": tok.describe(),
+        "longest_example": longest,
         "n_tokens": n_tokens,
         "entropy_floor": floor,
         "world": world.summary(),
@@ -46,8 +56,9 @@ def main() -> None:
         "train tokens": n_tokens["train"],
         "val tokens": n_tokens["val"],
         "entropy floor": f"{floor:.3f} nats/token",
+        "longest example": f"{longest} tokens",
     })
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

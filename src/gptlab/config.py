@@ -17,7 +17,11 @@ TOKENIZER_KINDS = ("bpe", "gpt2", "char")
 DATA_SOURCES = ("world",)
 
 
-class ConfigError(ValueError):
+class GptlabError(ValueError):
+    """Bad input (params, data, checkpoint); the message names what is wrong and how to fix it."""
+
+
+class ConfigError(GptlabError):
     """A params.yaml mistake; the message names the key and says how to fix it."""
 
 
@@ -266,6 +270,6 @@ def to_dict(obj) -> dict:
 
 
 __all__ = [
-    "ConfigError", "WorldConfig", "DataConfig", "TokenizerConfig", "ModelConfig", "TrainConfig", "DPOConfig",
+    "GptlabError", "ConfigError", "WorldConfig", "DataConfig", "TokenizerConfig", "ModelConfig", "TrainConfig", "DPOConfig",
     "EvaluateConfig", "Params", "parse_params", "load_params", "to_dict",
 ]

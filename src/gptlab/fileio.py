@@ -10,6 +10,8 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from gptlab.config import GptlabError
+
 
 @contextmanager
 def atomic_path(path: str | Path):
@@ -46,5 +48,5 @@ def read_jsonl(path: str | Path) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e}); regenerate it with the tokenize stage") from None
+                raise GptlabError(f"{path}:{n}: not valid JSON ({e}); regenerate it with the tokenize stage") from None
     return rows

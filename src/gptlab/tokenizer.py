@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import tiktoken
 import tiktoken.load
 
-from gptlab.config import TokenizerConfig
+from gptlab.config import GptlabError, TokenizerConfig
 from gptlab.fileio import atomic_write_text
 
 EOT = "<|endoftext|>"
@@ -28,7 +28,7 @@ GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(GptlabError):
     """A tokenizer file or input that cannot be used; the message says which and why."""
 
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from gptlab.checkpoint import save_checkpoint
 from gptlab.config import TrainConfig
 from gptlab.model import GPT
+from gptlab.tokenizer import Tokenizer
 
 
 @dataclass
@@ -104,11 +105,12 @@ def train(
     live,
     checkpoint_dir: Path,
     meta: dict,
+    tok: Tokenizer,
 ) -> dict[str, float]:
     """Run cfg.max_steps optimizer steps, then save the checkpoint; returns the final metrics."""
     optimizer = build_optimizer(model, cfg, accelerator.device)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
-    bar = tqdm(total=cfg.max_steps, disable=not accelerator.is_main_process, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, disable=not accelerator.is_main_process, desc="train", dynamic_ncols=True, mininterval=2.0)
     final: dict[str, float] = {}
     t0, tokens_since = time.perf_counter(), 0
     for step in range(1, cfg.max_steps + 1):
@@ -156,7 +158,7 @@ def train(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         summary = {k: final[k] for k in ("loss", "val_loss") if k in final}
-        save_checkpoint(checkpoint_dir, accelerator.unwrap_model(wrapped), {**meta, "step": cfg.max_steps, "metrics": summary})
+        save_checkpoint(checkpoint_dir, accelerator.unwrap_model(wrapped), {**meta, "step": cfg.max_steps, "metrics": summary}, tok)
         if live is not None:
             live.end()
     accelerator.wait_for_everyone()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gptlab.config import GptlabError
 from gptlab.losses import IGNORE
 from gptlab.tokenizer import Tokenizer
 
@@ -54,7 +55,7 @@ def encode_pairs(tok: Tokenizer, rows: list[dict], block_size: int, where: str) 
 def check_fits(examples: list[Example], block_size: int, where: str) -> None:
     longest = max((len(e.ids) for e in examples), default=0)
     if longest > block_size + 1:
-        raise ValueError(
+        raise GptlabError(
             f"{where}: the longest example has {longest} tokens but model.block_size={block_size} fits "
             f"{block_size + 1}; raise model.block_size (before pretraining) or shorten the data"
         )

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
+from gptlab.config import GptlabError
 from gptlab.fileio import atomic_path
 
 MAGIC = b"GPTLABTK"
 HEADER_BYTES = 256
 
 
-class ShardError(ValueError):
+class ShardError(GptlabError):
     pass
 
 
