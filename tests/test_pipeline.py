@@ -1,0 +1,112 @@
+"""End to end: the real DAG with real DVC, git and accelerate, on tiny params in a temporary repo."""
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import project_env, sh
+
+pytestmark = pytest.mark.slow
+MODELS = ("pretrain", "sft", "dpo")
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_repro_writes_every_output_and_metric(tiny_project):
+    p = tiny_project
+    for name in ("tokenizer/tokenizer.json", "train.bin", "val.bin", "sft_train.jsonl", "sft_heldout.jsonl",
+                 "prefs_train.jsonl", "prefs_heldout.jsonl", "mc_eval.jsonl", "info.json"):
+        assert (p / "data" / name).exists(), name
+    for stage in MODELS:
+        ckpt = p / "checkpoints" / stage
+        meta = json.loads((ckpt / "meta.json").read_text())
+        assert (ckpt / "model.safetensors").stat().st_size > 0 and (ckpt / "tokenizer" / "tokenizer.json").exists()
+        assert meta["stage"] == stage and meta["step"] == 4 and meta["model"]["n_embd"] == 32
+        live = json.loads((p / "metrics" / stage / "metrics.json").read_text())
+        assert live["step"] == 4 and "val_loss" in live and "loss" in live
+        assert (p / "metrics" / stage / "plots" / "metrics" / "loss.tsv").exists()
+    dpo_live = json.loads((p / "metrics" / "dpo" / "metrics.json").read_text())
+    assert {"chosen", "rejected", "accuracies", "margins"} <= set(dpo_live["rewards"])
+    assert {"chosen", "rejected"} <= set(dpo_live["logps"])
+
+    ev = json.loads((p / "metrics" / "evaluate" / "metrics.json").read_text())
+    for stage in MODELS:
+        m = ev[stage]
+        for key in ("val_loss", "perplexity", "acc", "acc_norm", "exact_match", "preferred_style", "pref_acc"):
+            assert key in m, (stage, key)
+        assert 0 <= m["acc"] <= 1 and 0 <= m["exact_match"] <= 1 and m["perplexity"] > 1
+    assert "reward_acc" in ev["dpo"] and "reward_acc" not in ev["sft"]
+    assert 0 < ev["data"]["entropy_floor"] < ev["data"]["ln_vocab"]
+    samples = (p / "metrics" / "evaluate" / "samples.md").read_text()
+    assert all(f"## {stage}" in samples for stage in MODELS)
+
+    lock = (p / "dvc.lock").read_text()
+    assert all(f"  {stage}:" in lock for stage in ("tokenize", *MODELS, "evaluate"))
+    assert "up to date" in sh("dvc status", p).stdout
+
+
+def test_metrics_show_and_plots_show_read_the_declared_files(tiny_project):
+    shown = json.loads(sh("dvc metrics show --json", tiny_project).stdout)
+    text = json.dumps(shown)
+    assert "metrics/evaluate/metrics.json" in text and "exact_match" in text and "val_loss" in text
+    plots = sh("dvc plots show --json", tiny_project).stdout
+    for stage in MODELS:
+        assert f"metrics/{stage}/plots/metrics/loss.tsv" in plots
+
+
+def test_push_then_pull_into_a_fresh_clone_restores_identical_checkpoints(tiny_project):
+    p = tiny_project
+    sh("git add -A && git commit -qm 'run'", p)
+    assert "pushed" in sh("dvc push", p).stdout.lower()
+    clone = p.parent / "clone"
+    sh(f"git clone -q {p} {clone}", p.parent, env=project_env(p))
+    assert not (clone / "checkpoints").exists()
+    sh("dvc pull", clone)
+    for stage in MODELS:
+        assert digest(clone / "checkpoints" / stage) == digest(p / "checkpoints" / stage)
+    assert "up to date" in sh("dvc status", clone).stdout
+
+
+def test_exp_run_on_an_sft_param_reruns_only_downstream_stages(tiny_project):
+    p = tiny_project
+    before = {s: digest(p / "checkpoints" / s) for s in MODELS}
+    out = sh("dvc exp run -S sft.lr=5.0e-4", p)
+    log = out.stdout + out.stderr
+    for stage in ("tokenize", "pretrain"):
+        assert f"Running stage '{stage}'" not in log
+    for stage in ("sft", "dpo", "evaluate"):
+        assert f"Running stage '{stage}'" in log
+    assert digest(p / "checkpoints" / "pretrain") == before["pretrain"]
+    assert digest(p / "checkpoints" / "sft") != before["sft"]
+    sh("git checkout -q -- . && dvc checkout -q", p)  # back to the committed run for other tests
+
+
+def test_two_process_cpu_training_through_accelerate(tiny_project):
+    p = tiny_project
+    env = project_env(p)
+    env["ACCELERATE_USE_CPU"] = "1"
+    out = sh("accelerate launch --multi_gpu --num_processes 2 -m stages.pretrain", p, env=env)
+    log = out.stdout + out.stderr
+    assert "2 process(es), DistributedType.MULTI_CPU" in log
+    assert "grad_accum 1" in log  # tokens_per_step split over two ranks instead of two micro-steps
+    assert json.loads((p / "checkpoints" / "pretrain" / "meta.json").read_text())["step"] == 4
+    assert sum(line.startswith("step 4 | val_loss") for line in log.splitlines()) == 1  # main process logs
+
+
+def test_bad_params_fail_fast_with_the_key_named(tiny_project):
+    p = tiny_project
+    text = (p / "params.yaml").read_text()
+    params = yaml.safe_load(text)
+    params["pretrain"]["lr"] = "2e-4"  # what PyYAML makes of an exponent without a decimal point
+    try:
+        (p / "params.yaml").write_text(yaml.safe_dump(params))
+        out = sh("accelerate launch --config_file accelerate.yaml -m stages.pretrain", p, check=False)
+        assert out.returncode != 0
+        assert "error: params.yaml: pretrain.lr: expected a number, got the string '2e-4'" in out.stderr
+        assert "train:" not in out.stderr  # failed before any training started
+    finally:
+        (p / "params.yaml").write_text(text)
