@@ -1,0 +1,50 @@
+"""dvc.yaml and the code agree: each stage declares the paths it writes and the params sections it reads."""
+from pathlib import Path
+
+import yaml
+
+from gptlab import paths
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+
+
+def outs(stage: str) -> set[str]:
+    return {next(iter(o)) if isinstance(o, dict) else o for o in DVC["stages"][stage]["outs"]}
+
+
+def test_stage_order_and_launch():
+    assert list(DVC["stages"]) == ["tokenize", "pretrain", "sft", "dpo", "evaluate"]
+    for name, stage in DVC["stages"].items():
+        assert stage["cmd"] == f"accelerate launch --config_file accelerate.yaml -m stages.{name}"
+        assert f"stages/{name}.py" in stage["deps"]
+
+
+def test_tokenize_outs_are_the_paths_the_code_writes():
+    written = {paths.TOKENIZER, paths.TRAIN_SHARD, paths.VAL_SHARD, paths.SFT_TRAIN, paths.SFT_HELDOUT,
+               paths.PREFS_TRAIN, paths.PREFS_HELDOUT, paths.MC_EVAL, paths.DATA_INFO}
+    assert outs("tokenize") == {str(p) for p in written}
+
+
+def test_training_stages_cache_checkpoints_and_keep_metrics_in_git():
+    for stage, parent in (("pretrain", None), ("sft", "pretrain"), ("dpo", "sft")):
+        spec = DVC["stages"][stage]
+        assert str(paths.checkpoint_dir(stage)) in outs(stage)
+        assert {"metrics/" + stage: {"cache": False}} in spec["outs"]
+        if parent:
+            assert str(paths.checkpoint_dir(parent)) in spec["deps"]
+        assert stage in spec["params"] and "seed" in spec["params"]
+
+
+def test_params_sections_so_exp_run_reruns_only_downstream():
+    params = {name: set(stage["params"]) for name, stage in DVC["stages"].items()}
+    assert params["tokenize"] == {"seed", "data", "tokenizer"}
+    assert params["pretrain"] == {"seed", "model", "pretrain"}
+    assert "sft" not in params["pretrain"] | params["tokenize"]
+    assert {"evaluate", "dpo.beta"} <= params["evaluate"]
+
+
+def test_top_level_metrics_and_plots():
+    assert set(DVC["metrics"]) == {f"metrics/{s}/metrics.json" for s in ("pretrain", "sft", "dpo", "evaluate")}
+    plots = [next(iter(p)) for p in DVC["plots"]]
+    assert plots == [f"metrics/{s}/plots/metrics" for s in ("pretrain", "sft", "dpo")]
