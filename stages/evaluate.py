@@ -21,6 +21,7 @@ from gptlab.sampling import generate
 from gptlab.stage import run, announce, start, tokenizer_for
 
 MODELS = ("pretrain", "sft", "dpo")
+N_SHOWN = 6  # greedy answers shown per model in samples.md
 
 
 def take(rows: list, n: int) -> list:
@@ -78,15 +79,17 @@ def main() -> None:
         val_loss = shard_loss(model, val.tokens, T, ecfg.val_batches, ecfg.micro_batch_size)
         m = {"val_loss": val_loss, "perplexity": math.exp(val_loss)}
         m |= multiple_choice(model, tok, mc_items, ecfg.micro_batch_size)
-        answers, _ = answer_metrics(model, tok, questions, ecfg.max_new_tokens)
-        m |= answers
+        scores, answers = answer_metrics(model, tok, questions, ecfg.max_new_tokens)
+        m |= scores
         beta = params.dpo.beta
         m |= preference_metrics(model, pairs, ref_logps if name == "dpo" else None, ecfg.micro_batch_size, tok.eot_id, beta)
         if name == "sft":  # the sft model is the dpo model's reference
             ref_logps = pair_logps(model, pairs, ecfg.micro_batch_size, tok.eot_id)
         metrics[name] = m
         announce(accelerator, f"evaluate {name}", {k: f"{v:.4f}" for k, v in m.items()})
-        report += [f"## {name}", ""]
+        report += [f"## {name}", "", "Greedy answers to held-out questions (gold answer in brackets):", ""]
+        report += [f"- {q['question']} [{q['answer']}] →{a}" for q, a in zip(questions[:N_SHOWN], answers)]
+        report += ["", "Samples:", ""]
         for prompt, text in zip(prompts, samples(model, tok, prompts, ecfg, params.seed)):
             report += ["```", prompt + text, "```", ""]
 
