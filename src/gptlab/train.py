@@ -96,6 +96,13 @@ def log_to_live(live, step: int, metrics: dict[str, float]) -> None:
     live.make_summary()
 
 
+def evaluate(task: Task, model: GPT) -> dict[str, float]:
+    """task.evaluate in eval mode (no dropout) without gradients; the next step switches back to train."""
+    model.eval()
+    with torch.no_grad():
+        return task.evaluate(model)
+
+
 def train(
     model: GPT,
     task: Task,
@@ -112,8 +119,9 @@ def train(
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     bar = tqdm(total=cfg.max_steps, disable=not accelerator.is_main_process, desc="train", dynamic_ncols=True, mininterval=2.0)
     final: dict[str, float] = {}
-    t0, tokens_since = time.perf_counter(), 0
+    seconds, tokens, steps = 0.0, 0, 0  # training work since the last log line (evaluation excluded)
     for step in range(1, cfg.max_steps + 1):
+        t0 = time.perf_counter()
         lr = lr_at(step - 1, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -128,31 +136,28 @@ def train(
                 accelerator.backward(loss / grad_accum)
             for k, v in {"loss": loss.detach(), **extra}.items():
                 sums[k] = sums.get(k, 0.0) + v.float() / grad_accum
-            tokens_since += n_tokens * accelerator.num_processes
+            tokens += n_tokens * accelerator.num_processes
         if cfg.grad_clip > 0:
             accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        seconds, steps = seconds + time.perf_counter() - t0, steps + 1
         bar.update(1)
 
         last = step == cfg.max_steps
         if step % cfg.log_interval == 0 or last:
             # every process reaches this point at the same steps, so the collective reduce is safe
             means = {k: accelerator.reduce(v.reshape(1), reduction="mean").item() for k, v in sums.items()}
-            elapsed = time.perf_counter() - t0
-            steps_done = cfg.log_interval if step % cfg.log_interval == 0 else step % cfg.log_interval
-            metrics = {**means, "lr": lr, "tokens_per_sec": tokens_since / elapsed, "ms_per_step": 1000 * elapsed / steps_done}
+            metrics = {**means, "lr": lr, "tokens_per_sec": tokens / seconds, "ms_per_step": 1000 * seconds / steps}
             say(accelerator, log_line(step, metrics))
             log_to_live(live, step, metrics)
             final.update(metrics)
-            t0, tokens_since = time.perf_counter(), 0
+            seconds, tokens, steps = 0.0, 0, 0
         if step % cfg.eval_interval == 0 or last:
-            with torch.no_grad():
-                evals = task.evaluate(accelerator.unwrap_model(wrapped))
+            evals = evaluate(task, accelerator.unwrap_model(wrapped))
             say(accelerator, log_line(step, evals))
             log_to_live(live, step, evals)
             final.update(evals)
-            t0 = time.perf_counter()  # evaluation time is not training throughput
     bar.close()
 
     accelerator.wait_for_everyone()
