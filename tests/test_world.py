@@ -11,10 +11,13 @@ from gptlab.data.world import (
 
 SMALL = WorldConfig(n_people=60, bios_per_person=4, n_arithmetic=200)
 
+CFG = WorldConfig()  # the defaults, which params.yaml repeats
+N_TRAIN_PEOPLE = CFG.n_people - round(CFG.n_people * CFG.heldout_frac)
+
 
 @pytest.fixture(scope="module")
 def world():
-    return build_world(WorldConfig(), seed=1337)
+    return build_world(CFG, seed=1337)
 
 
 def _template_patterns(attribute):
@@ -57,7 +60,7 @@ def test_different_seeds_differ():
 
 def test_heldout_people_only_in_pretraining(world):
     heldout = {e["person"] for e in world.sft_examples("heldout")}
-    assert len(heldout) == world.summary()["n_heldout_people"] == 80
+    assert len(heldout) == world.summary()["n_heldout_people"] == round(CFG.n_people * CFG.heldout_frac)
     train = world.sft_examples("train")
     train_text = " ".join(e["question"] + e["response"] for e in train)
     assert not any(name in train_text for name in heldout)
@@ -72,7 +75,7 @@ def test_heldout_people_only_in_pretraining(world):
 def test_heldout_questions_one_per_person_attribute(world):
     heldout = world.sft_examples("heldout")
     keys = [(e["person"], e["attribute"]) for e in heldout]
-    assert len(keys) == len(set(keys)) == 80 * len(ATTRIBUTES)
+    assert len(keys) == len(set(keys)) == round(CFG.n_people * CFG.heldout_frac) * len(ATTRIBUTES)
     assert all(e["response"] == f" {e['answer']}." for e in heldout)
 
 
@@ -98,15 +101,15 @@ def test_counts_with_defaults(world):
     s = world.summary()
     assert s["n_entities"] >= 300
     assert s["n_facts"] >= 1000
-    assert s["n_train_docs"] == 400 * 12 + 24 * 12 + 4000
-    assert s["n_sft_train"] == 320 * len(ATTRIBUTES) * 3 + 500
-    assert s["n_mc_items"] == 400 * len(ATTRIBUTES)
+    assert s["n_train_docs"] == (CFG.n_people + 24) * CFG.bios_per_person + CFG.n_arithmetic
+    assert s["n_sft_train"] == N_TRAIN_PEOPLE * len(ATTRIBUTES) * 3 + 500
+    assert s["n_mc_items"] == CFG.n_people * len(ATTRIBUTES)
 
 
 def test_preferred_frac_respected(world):
     train = world.sft_examples("train")
     share = sum(e["style"] == "preferred" for e in train) / len(train)
-    assert abs(share - 0.4) < 0.04
+    assert abs(share - CFG.preferred_frac) < 0.04
     assert all(style_of(e["response"]) == e["style"] for e in train)
     arithmetic = [e for e in train if e["attribute"] == "arithmetic"]
     assert len(arithmetic) == 500 and all(e["person"] == "" for e in arithmetic)
@@ -145,7 +148,7 @@ def test_padded_template_and_names_name_no_value():
 
 def test_preference_pairs(world):
     pairs = world.preference_pairs("train")
-    assert len(pairs) == 320 * len(ATTRIBUTES)
+    assert len(pairs) == N_TRAIN_PEOPLE * len(ATTRIBUTES)
     for p in pairs:
         assert p["chosen"] == f" {p['answer']}."
         candidates = world.candidates(p["attribute"])

@@ -29,14 +29,14 @@ class ConfigError(GptlabError):
 class WorldConfig:
     """The embedded default world: a seeded generator of facts, documents and eval sets."""
 
-    n_people: int = 400  # people in the world; each has one value for every attribute
-    bios_per_person: int = 12  # pretraining biographies per person, each in fresh wording and order
+    n_people: int = 250  # people in the world; each has one value for every attribute
+    bios_per_person: int = 48  # pretraining biographies per person, each in fresh wording and order
     val_bios_per_person: int = 1  # validation biographies per person (same facts, new wording)
     wordings: int = 4  # sentence templates per attribute used in biographies (1 = every fact in one wording)
-    n_arithmetic: int = 4000  # arithmetic documents ("3 + 4 = 7") in the pretraining corpus
+    n_arithmetic: int = 300  # arithmetic documents ("3 + 4 = 7") in the pretraining corpus
     max_operand: int = 20  # arithmetic operands are drawn from 0..max_operand
     heldout_frac: float = 0.2  # share of people whose facts never appear in SFT (held-out questions)
-    preferred_frac: float = 0.4  # share of SFT answers in the preferred (terse) style; the rest are padded
+    preferred_frac: float = 0.8  # share of SFT answers in the preferred (terse) style; the rest are padded
     n_choices: int = 4  # endings per multiple-choice item
 
     def check(self, where: str) -> None:
@@ -72,10 +72,10 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    n_layer: int = 4  # transformer blocks
+    n_layer: int = 2  # transformer blocks
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # residual width (channels C)
-    block_size: int = 128  # context length in tokens (T); also the sequence cap for sft and dpo
+    block_size: int = 64  # context length in tokens (T); also the sequence cap for sft and dpo
     bias: bool = True  # biases in Linear and LayerNorm layers, as in GPT-2
     dropout: float = 0.0  # dropout probability in attention, MLP and embeddings
 
