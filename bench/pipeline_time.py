@@ -44,7 +44,7 @@ def main() -> None:
         for stage in STAGES:
             t0 = time.perf_counter()
             subprocess.run(["dvc", "repro", "--single-item", stage], cwd=work, env=env, check=True,
-                           stdout=subprocess.DEVNULL)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             seconds[stage] = round(time.perf_counter() - t0, 1)
             print(f"{stage}: {seconds[stage]} s", flush=True)
         metrics = json.loads((work / "metrics" / "evaluate" / "metrics.json").read_text())

@@ -60,7 +60,9 @@ def copy_project(dest: Path) -> Path:
             shutil.copy2(ROOT / rel, dest / rel)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     (dest / "params.yaml").write_text(yaml.safe_dump(merge(params, TINY), sort_keys=False))
-    sh("git init -q -b main && git add -A && git commit -qm init", dest)
+    # a repo-local identity, so commits (ours and dvc exp's) work on machines without a global one
+    sh("git init -q -b main && git config user.name gptlab-test && git config user.email test@gptlab.invalid"
+       " && git add -A && git commit -qm init", dest)
     return dest
 
 
