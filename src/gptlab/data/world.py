@@ -122,8 +122,8 @@ QUESTIONS = {
     ),
 }
 
-# One fixed padded template on purpose: an SFT model that saw it in most examples gives it more
-# probability than the terse answer, which leaves DPO a clear preference to teach.
+# One fixed padded template on purpose: SFT learns to open some answers with it (data.world.preferred_frac
+# sets how often its training answers do), which leaves DPO a clear, measurable preference to teach.
 TERSE = " {value}."
 PADDED = " Great question! I have thought about it carefully, and I believe the answer is {value}. I hope this helps!"
 
