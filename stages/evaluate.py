@@ -49,7 +49,7 @@ def preference_metrics(model, pairs, ref_logps, micro_batch_size: int, pad_id: i
 def samples(model, tok, prompts: list[str], ecfg, seed: int) -> list[str]:
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     outs = generate(model, [tok.encode(p) for p in prompts], ecfg.max_new_tokens, temperature=ecfg.temperature,
-                    top_k=ecfg.top_k, top_p=ecfg.top_p, stop_id=tok.eot_id, generator=gen)
+                    top_k=ecfg.top_k, top_p=ecfg.top_p, stop_id=tok.eot_id, generator=gen, n_vocab=tok.n_vocab)
     return [tok.decode(o) for o in outs]
 
 

@@ -268,3 +268,22 @@ def test_dropout_is_stochastic_in_train_and_deterministic_in_eval():
         assert not torch.allclose(model(idx), model(idx))
         model.eval()
         assert torch.equal(model(idx), model(idx))
+
+
+class PaddingLover(GPT):
+    """A GPT whose vocabulary padding (ids 50..63) is by far the most likely."""
+
+    def forward(self, idx, cache=None):
+        logits = super().forward(idx, cache)
+        logits[..., 50:] += 100.0
+        return logits
+
+
+def test_generate_never_picks_vocabulary_padding():
+    torch.manual_seed(0)
+    model = PaddingLover(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=64))
+    assert min(generate(model, [[1, 2, 3]], 8)[0]) >= 50  # unrestricted, padding wins
+    for temperature in (0.0, 1.0):
+        out = generate(model, [[1, 2, 3]], 8, temperature=temperature, n_vocab=50,
+                       generator=torch.Generator().manual_seed(0))
+        assert max(out[0]) < 50

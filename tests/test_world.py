@@ -1,5 +1,6 @@
 """The embedded world: determinism, the held-out split, counts, styles, eval sets and config errors."""
 import dataclasses
+import math
 import re
 
 import pytest
@@ -197,3 +198,17 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="wordings"):
         WorldConfig(wordings=0).check("data.world")
     assert build_world(dataclasses.replace(SMALL, wordings=MAX_WORDINGS), 0).summary()["wordings"] == MAX_WORDINGS
+
+
+def test_single_wording_fixed_order_repeats_one_biography_per_person():
+    cfg = dataclasses.replace(SMALL, wordings=1, shuffle_sentences=False, n_arithmetic=0)
+    world = build_world(cfg, 3)
+    name = world.sft_examples("train")[0]["person"] or world.preference_pairs("train")[0]["person"]
+    bios = {d for d in world.pretrain_docs("train") if d.startswith(name + " ")}
+    assert len(bios) == 1  # every biography of a person is the same text
+    shuffled = build_world(dataclasses.replace(cfg, shuffle_sentences=True), 3)
+    assert len({d for d in shuffled.pretrain_docs("train") if d.startswith(name + " ")}) > 1
+    # a fixed order removes ln(4!) nats per biography from the information content
+    n_bios = cfg.n_people * cfg.bios_per_person
+    gap = shuffled.corpus_nats("train") - world.corpus_nats("train")
+    assert abs(gap - n_bios * math.log(24)) < 1e-6 * n_bios

@@ -25,7 +25,7 @@ def generate_text(checkpoint: str, prompt: str, max_tokens: int, temperature: fl
     ids = tok.encode(text) or [tok.eot_id]  # an empty prompt starts from end-of-text, like a new document
     gen = torch.Generator().manual_seed(seed)
     out = generate(model, [ids], max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   stop_id=tok.eot_id, generator=gen)[0]
+                   stop_id=tok.eot_id, generator=gen, n_vocab=tok.n_vocab)[0]
     return text + tok.decode(out)
 
 

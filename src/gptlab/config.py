@@ -32,6 +32,7 @@ class WorldConfig:
     n_people: int = 250  # people in the world; each has one value for every attribute
     bios_per_person: int = 48  # pretraining biographies per person, each in fresh wording and order
     val_bios_per_person: int = 1  # validation biographies per person (same facts, new wording)
+    shuffle_sentences: bool = True  # biography sentences in random order (false: always the same order)
     wordings: int = 4  # sentence templates per attribute used in biographies (1 = every fact in one wording)
     n_arithmetic: int = 300  # arithmetic documents ("3 + 4 = 7") in the pretraining corpus
     max_operand: int = 20  # arithmetic operands are drawn from 0..max_operand

@@ -106,5 +106,5 @@ def multiple_choice(model, tok: Tokenizer, items: list[dict], micro_batch_size: 
 
 def greedy_answers(model, tok: Tokenizer, questions: list[str], max_new_tokens: int) -> list[str]:
     prompts = [tok.encode(format_prompt(q)) for q in questions]
-    outs = generate(model, prompts, max_new_tokens, temperature=0.0, stop_id=tok.eot_id)
+    outs = generate(model, prompts, max_new_tokens, temperature=0.0, stop_id=tok.eot_id, n_vocab=tok.n_vocab)
     return [tok.decode(o) for o in outs]

@@ -24,11 +24,13 @@ def generate(
     stop_id: int | None = None,
     generator: torch.Generator | None = None,
     batch_size: int = 64,
+    n_vocab: int | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt, in input order, cut before the first stop_id.
 
     temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off. batch_size caps
-    how many rows (and KV caches) are decoded at once.
+    how many rows (and KV caches) are decoded at once. n_vocab, the tokenizer's id count, keeps the
+    model's vocabulary padding (ids that decode to nothing) from ever being picked.
     """
     _check_args(prompts, max_new_tokens, temperature, top_k, top_p, batch_size)
     out: list[list[int]] = [[] for _ in prompts]
@@ -46,7 +48,7 @@ def generate(
                     chunk = rows[start:start + batch_size]
                     new = _generate_group(
                         model, [prompts[i] for i in chunk], max_new_tokens,
-                        temperature, top_k, top_p, stop_id, generator,
+                        temperature, top_k, top_p, stop_id, generator, n_vocab,
                     )
                     for i, toks in zip(chunk, new):
                         out[i] = _cut_at_stop(toks, stop_id)
@@ -70,7 +72,7 @@ def _check_args(prompts, max_new_tokens, temperature, top_k, top_p, batch_size) 
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
 
 
-def _generate_group(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_id, generator):
+def _generate_group(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_id, generator, n_vocab):
     """Decode prompts that all have the same length; returns (B, max_new_tokens-or-fewer) lists."""
     block_size = model.config.block_size
     device = next(model.parameters()).device
@@ -86,7 +88,7 @@ def _generate_group(model, prompts, max_new_tokens, temperature, top_k, top_p, s
     done = torch.zeros(B, dtype=torch.bool, device=device)
     new = []
     for step in range(max_new_tokens):
-        nxt = _pick(logits, temperature, top_k, top_p, generator)  # (B,)
+        nxt = _pick(logits[:, :n_vocab], temperature, top_k, top_p, generator)  # (B,)
         new.append(nxt)
         idx = torch.cat([idx, nxt[:, None]], dim=1)  # (B, T+1)
         if stop_id is not None:

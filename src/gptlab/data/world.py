@@ -263,7 +263,7 @@ def _pretrain_split(world: World, split: str) -> _Split:
     n_arith = cfg.n_arithmetic if split == "train" else _val_arithmetic_count(cfg.n_arithmetic)
     typed = []  # (doc type, text, nats spent inside the doc)
     for name, values in world.people:
-        typed += [("bio", *_biography(rng, name, values, cfg.wordings, len(world.people))) for _ in range(per_person)]
+        typed += [("bio", *_biography(rng, name, values, cfg, len(world.people))) for _ in range(per_person)]
     for city in VALUES["city"]:
         typed += [("country", *_country_doc(rng, city, world.country_of[city], cfg.wordings)) for _ in range(per_person)]
     typed += [("arithmetic", *_arithmetic_doc(rng, cfg.max_operand)) for _ in range(n_arith)]
@@ -284,11 +284,14 @@ def _mixture_nats(typed: list[tuple[str, str, float]]) -> float:
     return sum(-n * math.log(n / total) for n in counts.values())
 
 
-def _biography(rng: random.Random, name: str, values: dict[str, str], wordings: int, n_people: int) -> tuple[str, float]:
-    # Choices: the person, the sentence order, one template per sentence. The facts are free.
-    order = rng.sample(ATTRIBUTES, len(ATTRIBUTES))
-    sentences = [BIO_TEMPLATES[a][rng.randrange(wordings)].format(name=name, value=values[a]) for a in order]
-    nats = math.log(n_people) + math.log(math.factorial(len(ATTRIBUTES))) + len(order) * math.log(wordings)
+def _biography(rng: random.Random, name: str, values: dict[str, str], cfg: WorldConfig, n_people: int) -> tuple[str, float]:
+    # Choices: the person, the sentence order (if shuffled), one template per sentence. The facts are free.
+    nats = math.log(n_people) + len(ATTRIBUTES) * math.log(cfg.wordings)
+    order = ATTRIBUTES
+    if cfg.shuffle_sentences:
+        order = rng.sample(ATTRIBUTES, len(ATTRIBUTES))
+        nats += math.log(math.factorial(len(ATTRIBUTES)))
+    sentences = [BIO_TEMPLATES[a][rng.randrange(cfg.wordings)].format(name=name, value=values[a]) for a in order]
     return " ".join(sentences), nats
 
 
