@@ -14,7 +14,7 @@ from gptlab.data.formats import encode_pairs
 from gptlab.evaluation import batch_pair_logps, pair_logps
 from gptlab.fileio import read_jsonl
 from gptlab.losses import dpo_loss
-from gptlab.stage import run, announce, inherit, stage_meta, start
+from gptlab.stage import announce, inherit, run, stage_meta, start
 from gptlab.train import Task, open_live, train
 
 

@@ -18,7 +18,7 @@ from gptlab.data.world import answer_matches, style_of
 from gptlab.evaluation import greedy_answers, multiple_choice, pair_logps, shard_loss
 from gptlab.fileio import atomic_write_json, atomic_write_text, read_jsonl
 from gptlab.sampling import generate
-from gptlab.stage import run, announce, start, tokenizer_for
+from gptlab.stage import announce, run, start, tokenizer_for
 
 MODELS = ("pretrain", "sft", "dpo")
 N_SHOWN = 6  # greedy answers shown per model in samples.md

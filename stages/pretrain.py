@@ -12,7 +12,7 @@ from gptlab.data.shards import read_shard
 from gptlab.evaluation import shard_loss, windows
 from gptlab.losses import token_loss
 from gptlab.model import GPT, GPTConfig
-from gptlab.stage import run, announce, stage_meta, start, tokenizer_for
+from gptlab.stage import announce, run, stage_meta, start, tokenizer_for
 from gptlab.tokenizer import padded_vocab_size
 from gptlab.train import Task, open_live, train
 

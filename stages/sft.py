@@ -8,7 +8,7 @@ from gptlab.data.formats import collate, encode_examples
 from gptlab.evaluation import examples_loss
 from gptlab.fileio import read_jsonl
 from gptlab.losses import token_loss
-from gptlab.stage import run, announce, inherit, stage_meta, start
+from gptlab.stage import announce, inherit, run, stage_meta, start
 from gptlab.train import Task, open_live, train
 
 

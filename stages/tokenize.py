@@ -7,7 +7,7 @@ from gptlab.data.formats import encode_examples, encode_pairs
 from gptlab.data.shards import write_shard
 from gptlab.data.world import build_world
 from gptlab.fileio import atomic_write_json, write_jsonl
-from gptlab.stage import run, announce, start
+from gptlab.stage import announce, run, start
 from gptlab.tokenizer import train_tokenizer
 
 

@@ -4,7 +4,14 @@ import json
 import pytest
 
 from gptlab.config import TokenizerConfig
-from gptlab.tokenizer import EOT, TokenizerError, gpt2_tokenizer, load_tokenizer, padded_vocab_size, train_tokenizer
+from gptlab.tokenizer import (
+    EOT,
+    TokenizerError,
+    gpt2_tokenizer,
+    load_tokenizer,
+    padded_vocab_size,
+    train_tokenizer,
+)
 
 TEXTS = [
     "Anna Reed was born in Lisbon. Anna Reed works as a baker.",

@@ -7,7 +7,14 @@ import pytest
 
 from gptlab.config import ConfigError, WorldConfig
 from gptlab.data.world import (
-    ATTRIBUTES, BIO_TEMPLATES, MAX_WORDINGS, PADDED, VALUES, answer_matches, build_world, style_of,
+    ATTRIBUTES,
+    BIO_TEMPLATES,
+    MAX_WORDINGS,
+    PADDED,
+    VALUES,
+    answer_matches,
+    build_world,
+    style_of,
 )
 
 SMALL = WorldConfig(n_people=60, bios_per_person=4, n_arithmetic=200)

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable
 from dataclasses import asdict
+from typing import Callable
 
 import torch
-
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
