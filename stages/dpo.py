@@ -5,11 +5,12 @@ computed once up front instead of in every step (the same result, half the forwa
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
 from gptlab import paths
-from gptlab.checkpoint import load_checkpoint
 from gptlab.data.formats import encode_pairs
 from gptlab.evaluation import batch_pair_logps, pair_logps
 from gptlab.fileio import read_jsonl
@@ -34,8 +35,7 @@ def main() -> None:
     params, accelerator = start("dpo")
     cfg = params.dpo
     policy, parent_meta, tok = inherit("dpo", "sft", accelerator.device)
-    ref, _ = load_checkpoint(paths.checkpoint_dir("sft"), accelerator.device)
-    ref.requires_grad_(False).eval()
+    ref = copy.deepcopy(policy).requires_grad_(False).eval()  # frozen sft copy, before any update
     T = policy.config.block_size
     pairs = encode_pairs(tok, read_jsonl(paths.PREFS_TRAIN), T, str(paths.PREFS_TRAIN))
     heldout = encode_pairs(tok, read_jsonl(paths.PREFS_HELDOUT), T, str(paths.PREFS_HELDOUT))

@@ -18,7 +18,7 @@ from gptlab.data.world import answer_matches, style_of
 from gptlab.evaluation import greedy_answers, multiple_choice, pair_logps, shard_loss
 from gptlab.fileio import atomic_write_json, atomic_write_text, read_jsonl
 from gptlab.sampling import generate
-from gptlab.stage import announce, run, start, tokenizer_for
+from gptlab.stage import announce, require_same_tokenizer, run, start, tokenizer_for
 
 MODELS = ("pretrain", "sft", "dpo")
 N_SHOWN = 6  # greedy answers shown per model in samples.md
@@ -72,7 +72,7 @@ def main() -> None:
     ref_logps = None
     for name in MODELS:
         model, meta = load_checkpoint(paths.checkpoint_dir(name), device)
-        tokenizer_for("evaluate", meta["tokenizer"]["fingerprint"])
+        require_same_tokenizer("evaluate", tok, meta["tokenizer"]["fingerprint"])
         model.eval()
         T = model.config.block_size
         pairs = encode_pairs(tok, heldout_pairs, T, str(paths.PREFS_HELDOUT))

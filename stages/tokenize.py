@@ -3,7 +3,7 @@ evaluation sets, and the corpus statistics (incl. the entropy floor in nats per 
 from __future__ import annotations
 
 from gptlab import paths
-from gptlab.data.formats import encode_examples, encode_pairs
+from gptlab.data.formats import encode_example
 from gptlab.data.shards import write_shard
 from gptlab.data.world import build_world
 from gptlab.fileio import atomic_write_json, write_jsonl
@@ -34,15 +34,18 @@ def main() -> None:
     write_jsonl(paths.SFT_TRAIN, sft_train)
     write_jsonl(paths.SFT_HELDOUT, heldout)
     write_jsonl(paths.PREFS_TRAIN, prefs_train)
-    write_jsonl(paths.PREFS_HELDOUT, world.preference_pairs("heldout"))
+    prefs_heldout = world.preference_pairs("heldout")
+    write_jsonl(paths.PREFS_HELDOUT, prefs_heldout)
     write_jsonl(paths.MC_EVAL, world.mc_items())
 
     # The generator knows how many nats of random choice went into each split; per token of the val shard
     # this is the loss a model that memorised the world's facts could reach.
     floor = world.corpus_nats("val") / n_tokens["val"]
-    # the longest prompt+response any later stage trains on: pretrain checks model.block_size against it
-    longest = max(len(e.ids) for e in encode_examples(tok, sft_train + heldout, 10**9, "sft"))
-    longest = max(longest, *(len(e.ids) for p in encode_pairs(tok, prefs_train, 10**9, "prefs") for e in p))
+    # the longest prompt+response a later stage trains or evaluates on: pretrain checks model.block_size
+    # against it, so a too-small context fails before pretraining rather than after
+    answered = [(r["question"], r["response"]) for r in sft_train + heldout]
+    answered += [(r["question"], r[k]) for r in prefs_train + prefs_heldout for k in ("chosen", "rejected")]
+    longest = max(len(encode_example(tok, question, response).ids) for question, response in answered)
     info = {
         "tokenizer": tok.describe(),
         "longest_example": longest,

@@ -96,16 +96,24 @@ def test_two_process_cpu_training_through_accelerate(tiny_project):
     assert sum(line.startswith("step 4 | val_loss") for line in log.splitlines()) == 1  # main process logs
 
 
-def test_bad_params_fail_fast_with_the_key_named(tiny_project):
+@pytest.mark.parametrize(
+    "section,key,value,message",
+    [
+        ("pretrain", "lr", "2e-4", "error: params.yaml: pretrain.lr: expected a number, got the string '2e-4'"),
+        # sft and dpo inherit block_size, so pretrain refuses one the fine-tuning data does not fit
+        ("model", "block_size", 16, "error: model.block_size=16 fits 17 tokens but the longest sft/preference"),
+    ],
+)
+def test_bad_input_fails_before_training_with_the_key_named(tiny_project, section, key, value, message):
     p = tiny_project
     text = (p / "params.yaml").read_text()
     params = yaml.safe_load(text)
-    params["pretrain"]["lr"] = "2e-4"  # what PyYAML makes of an exponent without a decimal point
+    params[section][key] = value
     try:
         (p / "params.yaml").write_text(yaml.safe_dump(params))
         out = sh("accelerate launch --config_file accelerate.yaml -m stages.pretrain", p, check=False)
         assert out.returncode != 0
-        assert "error: params.yaml: pretrain.lr: expected a number, got the string '2e-4'" in out.stderr
+        assert message in out.stderr
         assert "train:" not in out.stderr  # failed before any training started
     finally:
         (p / "params.yaml").write_text(text)

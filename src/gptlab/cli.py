@@ -12,7 +12,6 @@ import sys
 import torch
 
 from gptlab.checkpoint import checkpoint_tokenizer, load_checkpoint
-from gptlab.config import GptlabError
 from gptlab.data.formats import format_prompt
 from gptlab.sampling import generate
 
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(generate_text(args.checkpoint, args.prompt, args.max_tokens, args.temperature, args.top_k,
                             args.top_p, args.seed, args.question))
-    except (GptlabError, ValueError) as e:
+    except ValueError as e:  # GptlabError (bad checkpoint) and bad sampling arguments alike
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

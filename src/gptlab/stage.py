@@ -41,12 +41,16 @@ def run(main: Callable[[], None]) -> None:
 def tokenizer_for(stage: str, expected_fingerprint: str) -> Tokenizer:
     """The tokenize stage's tokenizer, which must be the one the inputs were made with."""
     tok = load_tokenizer(paths.TOKENIZER)
+    require_same_tokenizer(stage, tok, expected_fingerprint)
+    return tok
+
+
+def require_same_tokenizer(stage: str, tok: Tokenizer, expected_fingerprint: str) -> None:
     if tok.fingerprint != expected_fingerprint:
         raise GptlabError(
             f"[{stage}] {paths.TOKENIZER} has fingerprint {tok.fingerprint} but the input was made with "
             f"{expected_fingerprint}; rerun the pipeline from tokenize (dvc repro)"
         )
-    return tok
 
 
 def inherit(stage: str, parent: str, device):
