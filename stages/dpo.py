@@ -12,8 +12,8 @@ import torch
 
 from gptlab import paths
 from gptlab.data.formats import encode_pairs
+from gptlab.data.records import read_prefs
 from gptlab.evaluation import batch_pair_logps, pair_logps
-from gptlab.fileio import read_jsonl
 from gptlab.losses import dpo_loss
 from gptlab.stage import announce, inherit, run, stage_meta, start
 from gptlab.train import Task, open_live, train
@@ -37,8 +37,9 @@ def main() -> None:
     policy, parent_meta, tok = inherit("dpo", "sft", accelerator.device)
     ref = copy.deepcopy(policy).requires_grad_(False).eval()  # frozen sft copy, before any update
     T = policy.config.block_size
-    pairs = encode_pairs(tok, read_jsonl(paths.PREFS_TRAIN), T, str(paths.PREFS_TRAIN))
-    heldout = encode_pairs(tok, read_jsonl(paths.PREFS_HELDOUT), T, str(paths.PREFS_HELDOUT))
+    rows, dropped = read_prefs(paths.PREFS_TRAIN)  # pairs with chosen == rejected teach nothing: dropped
+    pairs = encode_pairs(tok, rows, T, str(paths.PREFS_TRAIN))
+    heldout = encode_pairs(tok, read_prefs(paths.PREFS_HELDOUT)[0], T, str(paths.PREFS_HELDOUT))
     heldout = heldout[: cfg.eval_batches * cfg.micro_batch_size]
     ref_chosen, ref_rejected = pair_logps(ref, pairs, cfg.micro_batch_size, tok.eot_id)
     held_ref = pair_logps(ref, heldout, cfg.micro_batch_size, tok.eot_id)
@@ -48,7 +49,7 @@ def main() -> None:
     announce(accelerator, "dpo", {
         "policy/ref": f"{paths.checkpoint_dir('sft')} (step {parent_meta['step']})",
         "beta": cfg.beta,
-        "pairs": len(pairs),
+        "pairs": f"{len(pairs)}" + (f" ({dropped} with chosen == rejected dropped)" if dropped else ""),
         "grad_accum": grad_accum,
         "epochs": f"{cfg.max_steps * cfg.tokens_per_step / (2 * T) / len(pairs):.1f}",
     })

@@ -5,7 +5,6 @@ metrics/evaluate/samples.md with fixed-prompt samples from each model.
 """
 from __future__ import annotations
 
-import json
 import math
 
 import torch
@@ -13,12 +12,14 @@ import torch
 from gptlab import paths
 from gptlab.checkpoint import load_checkpoint
 from gptlab.data.formats import encode_pairs, format_prompt
+from gptlab.data.records import INFO_FIELDS, read_mc, read_prefs, read_questions
 from gptlab.data.shards import read_shard
 from gptlab.data.world import answer_matches, style_of
 from gptlab.evaluation import greedy_answers, multiple_choice, pair_logps, shard_loss
-from gptlab.fileio import atomic_write_json, atomic_write_text, read_jsonl
+from gptlab.fileio import atomic_write_json, atomic_write_text, read_json
 from gptlab.sampling import generate
-from gptlab.stage import announce, require_same_tokenizer, run, start, tokenizer_for
+from gptlab.stage import announce, require_same_tokenizer, run, start
+from gptlab.tokenizer import load_tokenizer
 
 MODELS = ("pretrain", "sft", "dpo")
 N_SHOWN = 6  # greedy answers shown per model in samples.md
@@ -58,21 +59,23 @@ def main() -> None:
     if not accelerator.is_main_process:  # evaluation is small; one process does it all
         return
     ecfg, device = params.evaluate, accelerator.device
-    info = json.loads(paths.DATA_INFO.read_text())
-    val = read_shard(paths.VAL_SHARD)
-    tok = tokenizer_for("evaluate", val.fingerprint)
-    questions = take(read_jsonl(paths.SFT_HELDOUT), ecfg.max_questions)
-    mc_items = take(read_jsonl(paths.MC_EVAL), ecfg.max_mc_items)
-    heldout_pairs = read_jsonl(paths.PREFS_HELDOUT)
+    info = read_json(paths.DATA_INFO, INFO_FIELDS)
+    tok = load_tokenizer(paths.TOKENIZER)
+    val = read_shard(paths.VAL_SHARD, tok.n_vocab)
+    require_same_tokenizer("evaluate", tok, val.fingerprint)
+    questions = take(read_questions(paths.SFT_HELDOUT), ecfg.max_questions)
+    mc_items = take(read_mc(paths.MC_EVAL), ecfg.max_mc_items)
+    heldout_pairs = read_prefs(paths.PREFS_HELDOUT)[0]
     prompts = [format_prompt(q["question"]) for q in questions[: ecfg.n_samples // 2]]
     prompts += [item["ctx"] for item in mc_items[: ecfg.n_samples - len(prompts)]]
 
     metrics: dict[str, dict] = {"data": {"entropy_floor": info["entropy_floor"], "ln_vocab": math.log(tok.n_vocab)}}
     report = ["# Samples", "", f"temperature {ecfg.temperature}, top_k {ecfg.top_k}, top_p {ecfg.top_p}", ""]
-    ref_logps = None
-    for name in MODELS:
-        model, meta = load_checkpoint(paths.checkpoint_dir(name), device)
+    checkpoints = {name: load_checkpoint(paths.checkpoint_dir(name), device) for name in MODELS}  # all checked first
+    for _, meta in checkpoints.values():
         require_same_tokenizer("evaluate", tok, meta["tokenizer"]["fingerprint"])
+    ref_logps = None
+    for name, (model, _) in checkpoints.items():
         model.eval()
         T = model.config.block_size
         pairs = encode_pairs(tok, heldout_pairs, T, str(paths.PREFS_HELDOUT))

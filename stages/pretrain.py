@@ -1,39 +1,30 @@
 """pretrain: a GPT from scratch on the token shards, next-token loss on random windows."""
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 
 import numpy as np
 
 from gptlab import paths
-from gptlab.config import GptlabError
+from gptlab.data.records import INFO_FIELDS
 from gptlab.data.shards import read_shard
 from gptlab.evaluation import shard_loss, windows
+from gptlab.fileio import read_json
 from gptlab.losses import token_loss
 from gptlab.model import GPT, GPTConfig
-from gptlab.stage import announce, run, stage_meta, start, tokenizer_for
-from gptlab.tokenizer import padded_vocab_size
+from gptlab.stage import announce, check_context, require_same_tokenizer, run, stage_meta, start
+from gptlab.tokenizer import load_tokenizer, padded_vocab_size
 from gptlab.train import Task, open_live, train
 
 
 def main() -> None:
     params, accelerator = start("pretrain")
     cfg, T = params.pretrain, params.model.block_size
-    train_shard, val_shard = read_shard(paths.TRAIN_SHARD), read_shard(paths.VAL_SHARD)
-    tok = tokenizer_for("pretrain", train_shard.fingerprint)
+    tok = load_tokenizer(paths.TOKENIZER)  # first, so the shards' ids can be checked against its vocabulary
+    train_shard, val_shard = read_shard(paths.TRAIN_SHARD, tok.n_vocab), read_shard(paths.VAL_SHARD, tok.n_vocab)
     for shard in (train_shard, val_shard):
-        if len(shard.tokens) < T + 2:
-            raise GptlabError(
-                f"model.block_size={T} needs at least {T + 2} tokens but {shard.path} has {len(shard.tokens)}; "
-                "lower model.block_size or add data"
-            )
-    longest = json.loads(paths.DATA_INFO.read_text())["longest_example"]
-    if longest > T + 1:  # sft and dpo inherit this model's block_size: fail now, not after pretraining
-        raise GptlabError(
-            f"model.block_size={T} fits {T + 1} tokens but the longest sft/preference example has {longest}; "
-            f"raise model.block_size to at least {longest - 1}"
-        )
+        require_same_tokenizer("pretrain", tok, shard.fingerprint)
+    check_context(T, read_json(paths.DATA_INFO, INFO_FIELDS))  # sft and dpo inherit T: fail now, not after
     grad_accum = cfg.grad_accum_steps(T, accelerator.num_processes, "pretrain")
     model = GPT(GPTConfig(**asdict(params.model), vocab_size=padded_vocab_size(tok.n_vocab)))
     announce(accelerator, "pretrain", {

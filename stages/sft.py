@@ -5,8 +5,8 @@ import numpy as np
 
 from gptlab import paths
 from gptlab.data.formats import collate, encode_examples
+from gptlab.data.records import read_sft
 from gptlab.evaluation import examples_loss
-from gptlab.fileio import read_jsonl
 from gptlab.losses import token_loss
 from gptlab.stage import announce, inherit, run, stage_meta, start
 from gptlab.train import Task, open_live, train
@@ -17,8 +17,8 @@ def main() -> None:
     cfg = params.sft
     model, parent_meta, tok = inherit("sft", "pretrain", accelerator.device)
     T = model.config.block_size
-    examples = encode_examples(tok, read_jsonl(paths.SFT_TRAIN), T, str(paths.SFT_TRAIN))
-    heldout = encode_examples(tok, read_jsonl(paths.SFT_HELDOUT), T, str(paths.SFT_HELDOUT))
+    examples = encode_examples(tok, read_sft(paths.SFT_TRAIN), T, str(paths.SFT_TRAIN))
+    heldout = encode_examples(tok, read_sft(paths.SFT_HELDOUT), T, str(paths.SFT_HELDOUT))
     heldout = heldout[: cfg.eval_batches * cfg.micro_batch_size]
     grad_accum = cfg.grad_accum_steps(T, accelerator.num_processes, "sft")
     announce(accelerator, "sft", {

@@ -22,6 +22,30 @@ def test_repo_params_load_and_cover_every_field():
         assert set(raw[section]) == set(vars(getattr(params, section))), section
 
 
+def test_code_defaults_are_the_documented_params():
+    """One fact, one place: a key left out of params.yaml takes exactly the value params.yaml documents."""
+    assert load_params(ROOT / "params.yaml") == Params()
+
+
+@pytest.mark.parametrize("section", ["model", "pretrain", "sft", "dpo", "evaluate", "tokenizer", "data"])
+def test_a_missing_key_or_emptied_section_takes_the_documented_default(section):
+    documented = parse_params(raw_params())
+    raw = raw_params()
+    raw[section] = None  # `model:` with nothing under it
+    assert parse_params(raw) == documented
+    raw = raw_params()
+    key = next(iter(raw[section]))
+    del raw[section][key]
+    assert parse_params(raw) == documented
+
+
+def test_unknown_top_level_key_is_reported():
+    raw = raw_params()
+    raw["pretrian"] = raw.pop("pretrain")
+    with pytest.raises(ConfigError, match=r"pretrian: unknown key.*did you mean 'pretrain'"):
+        parse_params(raw)
+
+
 def with_value(section: str, key: str, value) -> dict:
     raw = raw_params()
     raw[section][key] = value

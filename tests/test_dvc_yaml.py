@@ -4,6 +4,7 @@ from pathlib import Path
 import yaml
 
 from gptlab import paths
+from gptlab.launch import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -14,10 +15,19 @@ def outs(stage: str) -> set[str]:
 
 
 def test_stage_order_and_launch():
-    assert list(DVC["stages"]) == ["tokenize", "pretrain", "sft", "dpo", "evaluate"]
+    assert list(DVC["stages"]) == ["check", "tokenize", "pretrain", "sft", "dpo", "evaluate"]
+    assert tuple(DVC["stages"]) == STAGES  # what `gptlab run` accepts
     for name, stage in DVC["stages"].items():
-        assert stage["cmd"] == f"accelerate launch --config_file accelerate.yaml -m stages.{name}"
+        assert stage["cmd"] == f"gptlab run {name}"
         assert f"stages/{name}.py" in stage["deps"]
+
+
+def test_check_runs_first_on_any_params_change_and_everything_waits_for_it():
+    check = DVC["stages"]["check"]
+    assert check["params"] == [{"params.yaml": None}]  # the whole file: unknown top-level keys too
+    assert check["outs"] == [{str(paths.PARAMS_CHECKED): {"persist": True}}]  # never deleted before a run
+    for name in STAGES[1:]:
+        assert str(paths.PARAMS_CHECKED) in DVC["stages"][name]["deps"], name
 
 
 def test_tokenize_outs_are_the_paths_the_code_writes():
@@ -37,7 +47,7 @@ def test_training_stages_cache_checkpoints_and_keep_metrics_in_git():
 
 
 def test_params_sections_so_exp_run_reruns_only_downstream():
-    params = {name: set(stage["params"]) for name, stage in DVC["stages"].items()}
+    params = {name: set(stage["params"]) for name, stage in DVC["stages"].items() if name != "check"}
     assert params["tokenize"] == {"seed", "data", "tokenizer"}
     assert params["pretrain"] == {"seed", "model", "pretrain"}
     assert "sft" not in params["pretrain"] | params["tokenize"]

@@ -82,3 +82,31 @@ def test_checkpoint_mismatch_is_an_error(tmp_path):
         load_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="not found"):
         read_meta(tmp_path / "nothing")
+
+
+def test_a_nan_loss_stops_training_before_the_update_and_writes_no_checkpoint(tmp_path):
+    """A non-finite loss is an error naming the step and the fix; the folder keeps what it held."""
+    from gptlab.config import GptlabError
+
+    tok = train_tokenizer(TokenizerConfig(kind="char"), ["abcdefgh"])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = torch.tensor([[i % 8 for i in range(9)]] * 2)
+    calls = []
+
+    def loss(m, batch):
+        calls.append(1)
+        value = token_loss(m(batch[0]), batch[1])
+        return (value * float("nan") if len(calls) == 3 else value), {}, batch[0].numel()
+
+    task = Task(lambda: (data[:, :-1], data[:, 1:]), loss, lambda m: {"val_loss": 0.0})
+    cfg = TrainConfig(max_steps=10, micro_batch_size=2, tokens_per_step=16, lr=1.0e-3, min_lr=1.0e-4, warmup_steps=1)
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(GptlabError, match=r"\[pretrain\] step 3: the training loss is nan; lower pretrain\.lr"):
+        train(model, task, cfg, 1, Accelerator(cpu=True), None, out, {"stage": "pretrain"}, tok)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all(torch.isfinite(v).all() for v in model.state_dict().values())  # 2 good steps, no NaN

@@ -1,5 +1,9 @@
 """Typed, frozen configuration: one dataclass per section of params.yaml, validated at load.
 
+The dataclass defaults ARE the documented defaults: params.yaml spells every one of them out, and
+tests/test_config.py proves the two are equal, so a key or section left out of params.yaml trains exactly
+what the shipped params.yaml would. Unknown keys, at any level, are errors.
+
 Every mistake is reported before any expensive work, as `ConfigError("<file>: <section.key>: <what> — <fix>")`.
 """
 from __future__ import annotations
@@ -93,21 +97,23 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """What pretrain, sft and dpo share: the optimizer, schedule, batch geometry and logging cadence."""
+    """What pretrain, sft and dpo share: the optimizer, schedule, batch geometry and logging cadence.
+
+    The defaults here are pretrain's; SFTConfig and DPOConfig override the ones that differ."""
 
     max_steps: int = 1000  # optimizer steps
-    micro_batch_size: int = 16  # sequences per forward pass, per process
-    tokens_per_step: int = 16384  # sequence slots x block_size per optimizer step, all processes together
-    lr: float = 1.0e-3  # peak learning rate
-    min_lr: float = 1.0e-4  # floor the cosine decays to
+    micro_batch_size: int = 64  # sequences per forward pass, per process
+    tokens_per_step: int = 4096  # sequence slots x block_size per optimizer step, all processes together
+    lr: float = 3.0e-3  # peak learning rate
+    min_lr: float = 3.0e-4  # floor the cosine decays to
     warmup_steps: int = 50  # linear warmup from 0 to lr
-    weight_decay: float = 0.1  # AdamW decay, applied to matrices only (not biases, LayerNorm)
+    weight_decay: float = 0.0  # AdamW decay, applied to matrices only (not biases, LayerNorm)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    eval_interval: int = 100  # evaluate every N steps (and at the last step)
-    eval_batches: int = 8  # micro-batches per evaluation
-    log_interval: int = 10  # one log line and one dvclive step every N steps
+    eval_interval: int = 250  # evaluate every N steps (and at the last step)
+    eval_batches: int = 4  # micro-batches per evaluation
+    log_interval: int = 25  # one log line and one dvclive step every N steps
 
     def check(self, where: str) -> None:
         for key in ("max_steps", "micro_batch_size", "tokens_per_step", "eval_interval", "eval_batches", "log_interval"):
@@ -141,7 +147,29 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SFTConfig(TrainConfig):
+    """sft's defaults: fewer steps from a pretrained start, smaller batches."""
+
+    max_steps: int = 250
+    micro_batch_size: int = 32
+    lr: float = 1.0e-3
+    min_lr: float = 1.0e-4
+    warmup_steps: int = 10
+    eval_interval: int = 125
+    log_interval: int = 10
+
+
+@dataclass(frozen=True)
 class DPOConfig(TrainConfig):
+    """dpo's defaults: a small lr, so the policy stays near its reference."""
+
+    max_steps: int = 100
+    micro_batch_size: int = 16
+    lr: float = 2.0e-4
+    min_lr: float = 2.0e-5
+    warmup_steps: int = 10
+    eval_interval: int = 25
+    log_interval: int = 5
     beta: float = 0.1  # DPO temperature: how far the policy may move from the reference
 
     def check(self, where: str) -> None:
@@ -152,9 +180,9 @@ class DPOConfig(TrainConfig):
 @dataclass(frozen=True)
 class EvaluateConfig:
     max_new_tokens: int = 40  # greedy answer length cap for exact match and style share
-    max_questions: int = 400  # held-out questions scored per model (0 = all)
+    max_questions: int = 320  # held-out questions scored per model (0 = all)
     max_mc_items: int = 400  # multiple-choice items scored per model (0 = all)
-    val_batches: int = 16  # micro-batches of the val shard for val_loss
+    val_batches: int = 8  # micro-batches of the val shard for val_loss
     micro_batch_size: int = 32  # sequences per forward pass
     n_samples: int = 4  # fixed prompts sampled per model into samples.md
     temperature: float = 0.8  # sampling temperature for samples.md
@@ -177,7 +205,7 @@ class Params:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
-    sft: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
@@ -258,11 +286,18 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)}); fix the syntax there") from None
     try:
         return parse_params(raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: what it found and where."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + (getattr(e, "problem", None) or str(e).splitlines()[0])
 
 
 def to_dict(obj) -> dict:
@@ -271,6 +306,7 @@ def to_dict(obj) -> dict:
 
 
 __all__ = [
-    "GptlabError", "ConfigError", "WorldConfig", "DataConfig", "TokenizerConfig", "ModelConfig", "TrainConfig", "DPOConfig",
+    "GptlabError", "ConfigError", "WorldConfig", "DataConfig", "TokenizerConfig", "ModelConfig", "TrainConfig",
+    "SFTConfig", "DPOConfig",
     "EvaluateConfig", "Params", "parse_params", "load_params", "to_dict",
 ]

@@ -12,6 +12,7 @@ PREFS_TRAIN = DATA / "prefs_train.jsonl"
 PREFS_HELDOUT = DATA / "prefs_heldout.jsonl"
 MC_EVAL = DATA / "mc_eval.jsonl"
 DATA_INFO = DATA / "info.json"  # corpus statistics, incl. the entropy floor in nats per token
+PARAMS_CHECKED = DATA / "params_checked"  # the check stage's constant output: every stage depends on it
 
 CHECKPOINTS = Path("checkpoints")
 METRICS = Path("metrics")
@@ -24,3 +25,9 @@ def checkpoint_dir(stage: str) -> Path:
 
 def metrics_dir(stage: str) -> Path:
     return METRICS / stage
+
+LOCKS = Path(".dvc") / "tmp" / "gptlab-locks"  # DVC's untracked scratch folder: never committed or pushed
+
+
+def lock_file(stage: str) -> Path:
+    return LOCKS / f"{stage}.lock"

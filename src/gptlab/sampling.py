@@ -6,6 +6,7 @@ full forward pass over the last block_size tokens at every step (correct, slower
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -60,16 +61,38 @@ def generate(
 def _check_args(prompts, max_new_tokens, temperature, top_k, top_p, batch_size) -> None:
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (start it with e.g. <|endoftext|>)")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be 0 (greedy) or positive, got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be 0 (off) or positive, got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+
+
+class SamplingArgError(ValueError):
+    """A generation argument out of range; `arg` names the parameter, so a caller can name its own option."""
+
+    def __init__(self, arg: str, rule: str, value: object):
+        super().__init__(f"{arg} {rule}, got {value}")
+        self.arg, self.rule, self.value = arg, rule, value
+
+
+# Near float32's smallest numbers, logits / temperature overflows to inf and softmax returns NaN; 1e-6 keeps
+# far from that and is greedy in effect already (temperature 0 is the way to ask for greedy).
+MIN_TEMPERATURE = 1e-6
+
+
+def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """Raise SamplingArgError for the first argument generate() would reject.
+
+    Written as `not (valid)` so that NaN, which fails every comparison, is rejected too.
+    """
+    if not max_new_tokens >= 0:
+        raise SamplingArgError("max_new_tokens", "must be 0 or more", max_new_tokens)
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):
+        raise SamplingArgError("temperature", f"must be 0 (greedy) or a finite number of at least {MIN_TEMPERATURE:g}",
+                               temperature)
+    if not top_k >= 0:
+        raise SamplingArgError("top_k", "must be 0 (off) or positive", top_k)
+    if not 0.0 < top_p <= 1.0:
+        raise SamplingArgError("top_p", "must lie in (0, 1]", top_p)
 
 
 def _generate_group(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_id, generator, n_vocab):

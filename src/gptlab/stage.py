@@ -1,8 +1,13 @@
 """Start-up shared by the stage scripts: params, accelerator, seed, inherited checkpoints, announcements."""
 from __future__ import annotations
 
+import ctypes
+import fcntl
+import json
 import os
+import signal
 import sys
+import time
 from dataclasses import asdict
 from typing import Callable
 
@@ -13,14 +18,23 @@ from accelerate.utils import set_seed
 from gptlab import paths
 from gptlab.checkpoint import load_checkpoint
 from gptlab.config import GptlabError, Params, load_params
+from gptlab.launch import LAUNCHER_PID, error_marker
 from gptlab.tokenizer import Tokenizer, load_tokenizer
 from gptlab.train import say
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+LOCK_WAIT = "GPTLAB_LOCK_WAIT_SECONDS"  # how long a second run waits for the first to stop (default 30)
+_LOCKS: list[int] = []
+
 
 def start(stage: str) -> tuple[Params, Accelerator]:
-    """Validate params.yaml before anything expensive, then set up devices and seeds."""
+    """Validate params.yaml before anything expensive, then set up devices and seeds.
+
+    The main process holds the stage's lock until it exits, so two runs never write one output folder."""
     params = load_params()
     accelerator = Accelerator()
+    if accelerator.is_main_process:
+        hold_lock(stage)
     if accelerator.device.type == "cpu":
         # accelerate launch sets OMP_NUM_THREADS=1; on CPU that would leave all but one core idle
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.state.num_processes))
@@ -30,12 +44,68 @@ def start(stage: str) -> tuple[Params, Accelerator]:
 
 
 def run(main: Callable[[], None]) -> None:
-    """Run a stage's main(); bad input ends it with one clear line (exit 2) instead of a traceback."""
+    """Run a stage's main(); bad input ends it with one clear line (exit 2) instead of a traceback.
+
+    With several ranks every one of them meets the same bad input: the first to fail prints the line, the
+    others only exit. Ctrl-C exits 130 quietly when `gptlab run` (which prints the one line) started us.
+    Programming errors keep their traceback."""
+    die_with_parent()
     try:
         main()
     except GptlabError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(f"error: {e}")
         sys.exit(2)
+    except KeyboardInterrupt:
+        if not under_gptlab_run():
+            report("error: interrupted; the stage stopped and wrote no new outputs")
+        sys.exit(130)
+
+
+def report(line: str) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        try:  # the file's creation elects one rank per launch (ranks share the launcher as parent); `gptlab run`
+            os.close(os.open(error_marker(os.getppid()), os.O_CREAT | os.O_EXCL))  # removes it afterwards
+        except FileExistsError:
+            return
+    print(line, file=sys.stderr, flush=True)
+
+
+def die_with_parent() -> None:
+    """Linux: SIGTERM this process when its launcher dies, so no rank trains on as an orphan."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def under_gptlab_run() -> bool:
+    """Whether `gptlab run` started this process (it exports its pid; a stale value names another parent)."""
+    return os.environ.get(LAUNCHER_PID) == str(os.getppid())
+
+
+def hold_lock(stage: str) -> None:
+    """Take the stage's lock for this process's lifetime, waiting a little for a stopping run to let go.
+
+    flock is released by the kernel when its holder dies, so a killed run never leaves a stale lock."""
+    path = paths.lock_file(stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + float(os.environ.get(LOCK_WAIT, 30))  # long enough for an orphan to notice
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise GptlabError(
+                    f"[{stage}] another run of this stage (pid {holder}) is writing its outputs; wait for it to "
+                    f"finish or stop it (kill {holder}), then run again"
+                ) from None
+            time.sleep(0.5)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _LOCKS.append(fd)  # kept open (and locked) until the process exits
 
 
 def tokenizer_for(stage: str, expected_fingerprint: str) -> Tokenizer:
@@ -71,3 +141,25 @@ def stage_meta(stage: str, params: Params, sections: tuple[str, ...], parent: st
         "init_from": str(paths.checkpoint_dir(parent)) if parent else "scratch",
         "params": {"seed": params.seed, **{s: asdict(getattr(params, s)) for s in sections}},
     }
+
+
+def data_params(params: Params) -> dict:
+    """The params that determine data/ (as JSON would store them): info.json records them."""
+    return json.loads(json.dumps({"seed": params.seed, "data": asdict(params.data), "tokenizer": asdict(params.tokenizer)}))
+
+
+def check_context(block_size: int, info: dict) -> None:
+    """model.block_size against the data: pretraining windows need block_size+1 tokens, and sft and dpo
+    (which inherit it) need the longest prompt+response to fit, so a too-small context fails before training."""
+    for split, n in info["n_tokens"].items():
+        if n < block_size + 2:
+            raise GptlabError(
+                f"model.block_size={block_size} needs at least {block_size + 2} tokens but the {split} shard has {n}; "
+                "lower model.block_size or add data"
+            )
+    longest = info["longest_example"]
+    if longest > block_size + 1:
+        raise GptlabError(
+            f"model.block_size={block_size} fits {block_size + 1} tokens but the longest sft/preference example has "
+            f"{longest}; raise model.block_size to at least {longest - 1}"
+        )

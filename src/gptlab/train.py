@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from gptlab.checkpoint import save_checkpoint
-from gptlab.config import TrainConfig
+from gptlab.config import GptlabError, TrainConfig
 from gptlab.model import GPT
 from gptlab.tokenizer import Tokenizer
 
@@ -96,6 +96,17 @@ def log_to_live(live, step: int, metrics: dict[str, float]) -> None:
     live.make_summary()
 
 
+def require_finite(step: int, loss: torch.Tensor, section: str, checkpoint_dir: Path) -> None:
+    """A NaN/inf loss never recovers: stop at once, before the update, and write no checkpoint."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise GptlabError(
+            f"[{section}] step {step}: the training loss is {value}; lower {section}.lr or raise "
+            f"{section}.warmup_steps (and keep {section}.grad_clip on); no checkpoint was written, so "
+            f"{checkpoint_dir} still holds what it held before"
+        )
+
+
 def evaluate(task: Task, model: GPT) -> dict[str, float]:
     """task.evaluate in eval mode (no dropout) without gradients; the next step switches back to train."""
     model.eval()
@@ -115,50 +126,54 @@ def train(
     tok: Tokenizer,
 ) -> dict[str, float]:
     """Run cfg.max_steps optimizer steps, then save the checkpoint; returns the final metrics."""
+    section = meta.get("stage", "train")
     optimizer = build_optimizer(model, cfg, accelerator.device)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     bar = tqdm(total=cfg.max_steps, disable=not accelerator.is_main_process, desc="train", dynamic_ncols=True, mininterval=2.0)
     final: dict[str, float] = {}
     seconds, tokens, steps = 0.0, 0, 0  # training work since the last log line (evaluation excluded)
-    for step in range(1, cfg.max_steps + 1):
-        t0 = time.perf_counter()
-        lr = lr_at(step - 1, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    try:
+        for step in range(1, cfg.max_steps + 1):
+            t0 = time.perf_counter()
+            lr = lr_at(step - 1, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-        # forward/backward over grad_accum micro-batches; gradients sync only on the last one
-        wrapped.train()
-        sums: dict[str, torch.Tensor] = {}
-        for micro in range(grad_accum):
-            sync = micro == grad_accum - 1
-            with nullcontext() if sync else accelerator.no_sync(wrapped):
-                loss, extra, n_tokens = task.loss(wrapped, task.next_batch())
-                accelerator.backward(loss / grad_accum)
-            for k, v in {"loss": loss.detach(), **extra}.items():
-                sums[k] = sums.get(k, 0.0) + v.float() / grad_accum
-            tokens += n_tokens * accelerator.num_processes
-        if cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        seconds, steps = seconds + time.perf_counter() - t0, steps + 1
-        bar.update(1)
+            # forward/backward over grad_accum micro-batches; gradients sync only on the last one
+            wrapped.train()
+            sums: dict[str, torch.Tensor] = {}
+            for micro in range(grad_accum):
+                sync = micro == grad_accum - 1
+                with nullcontext() if sync else accelerator.no_sync(wrapped):
+                    loss, extra, n_tokens = task.loss(wrapped, task.next_batch())
+                    accelerator.backward(loss / grad_accum)
+                for k, v in {"loss": loss.detach(), **extra}.items():
+                    sums[k] = sums.get(k, 0.0) + v.float() / grad_accum
+                tokens += n_tokens * accelerator.num_processes
+            if cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
+            require_finite(step, sums["loss"], section, checkpoint_dir)  # before the step spreads it into the weights
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds, steps = seconds + time.perf_counter() - t0, steps + 1
+            bar.update(1)
 
-        last = step == cfg.max_steps
-        if step % cfg.log_interval == 0 or last:
-            # every process reaches this point at the same steps, so the collective reduce is safe
-            means = {k: accelerator.reduce(v.reshape(1), reduction="mean").item() for k, v in sums.items()}
-            metrics = {**means, "lr": lr, "tokens_per_sec": tokens / seconds, "ms_per_step": 1000 * seconds / steps}
-            say(accelerator, log_line(step, metrics))
-            log_to_live(live, step, metrics)
-            final.update(metrics)
-            seconds, tokens, steps = 0.0, 0, 0
-        if step % cfg.eval_interval == 0 or last:
-            evals = evaluate(task, accelerator.unwrap_model(wrapped))
-            say(accelerator, log_line(step, evals))
-            log_to_live(live, step, evals)
-            final.update(evals)
-    bar.close()
+            last = step == cfg.max_steps
+            if step % cfg.log_interval == 0 or last:
+                # every process reaches this point at the same steps, so the collective reduce is safe
+                means = {k: accelerator.reduce(v.reshape(1), reduction="mean").item() for k, v in sums.items()}
+                metrics = {**means, "lr": lr, "tokens_per_sec": tokens / seconds, "ms_per_step": 1000 * seconds / steps}
+                say(accelerator, log_line(step, metrics))
+                log_to_live(live, step, metrics)
+                final.update(metrics)
+                seconds, tokens, steps = 0.0, 0, 0
+            if step % cfg.eval_interval == 0 or last:
+                evals = evaluate(task, accelerator.unwrap_model(wrapped))
+                say(accelerator, log_line(step, evals))
+                log_to_live(live, step, evals)
+                final.update(evals)
+    finally:
+        bar.close()  # also on an error or Ctrl-C, so the one `error:` line gets a line of its own
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -10,13 +10,15 @@ response tokens and the closing end-of-text only: the model learns to answer, an
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from gptlab.config import GptlabError
+from gptlab.fileio import REGENERATE
 from gptlab.losses import IGNORE
-from gptlab.tokenizer import Tokenizer
+from gptlab.tokenizer import Tokenizer, TokenizerError
 
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 
@@ -39,17 +41,36 @@ def encode_example(tok: Tokenizer, question: str, response: str) -> Example:
 
 
 def encode_examples(tok: Tokenizer, rows: list[dict], block_size: int, where: str) -> list[Example]:
-    """Encode SFT rows (question, response); rows longer than block_size+1 tokens are an error."""
-    examples = [encode_example(tok, r["question"], r["response"]) for r in rows]
+    """Encode SFT rows (question, response); no rows, or rows longer than block_size+1 tokens, are an error."""
+    _require_rows(rows, where)
+    with _naming(where):
+        examples = [encode_example(tok, r["question"], r["response"]) for r in rows]
     check_fits(examples, block_size, where)
     return examples
 
 
 def encode_pairs(tok: Tokenizer, rows: list[dict], block_size: int, where: str) -> list[tuple[Example, Example]]:
     """Encode preference rows (question, chosen, rejected) into (chosen, rejected) example pairs."""
-    pairs = [(encode_example(tok, r["question"], r["chosen"]), encode_example(tok, r["question"], r["rejected"])) for r in rows]
+    _require_rows(rows, where)
+    with _naming(where):
+        pairs = [(encode_example(tok, r["question"], r["chosen"]), encode_example(tok, r["question"], r["rejected"])) for r in rows]
     check_fits([e for p in pairs for e in p], block_size, where)
     return pairs
+
+
+@contextmanager
+def _naming(where: str):
+    """Prefix a tokenizer error (a char tokenizer meeting an unseen character) with the file it came from."""
+    try:
+        yield
+    except TokenizerError as e:
+        raise TokenizerError(f"{where}: {e}") from None
+
+
+def _require_rows(rows: list, where: str) -> None:
+    # training on nothing would divide by zero (epochs) or sample from an empty range later, far from the cause
+    if not rows:
+        raise GptlabError(f"{where}: no examples; {REGENERATE}")
 
 
 def check_fits(examples: list[Example], block_size: int, where: str) -> None:
@@ -63,7 +84,7 @@ def check_fits(examples: list[Example], block_size: int, where: str) -> None:
 
 def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to the longest example: idx (B, T) and targets (B, T) with IGNORE outside the response."""
-    T = max(len(e.ids) for e in examples) - 1
+    T = max((len(e.ids) for e in examples), default=1) - 1  # no examples: (0, 0) tensors
     idx = torch.full((len(examples), T), pad_id, dtype=torch.long)
     targets = torch.full((len(examples), T), IGNORE, dtype=torch.long)
     for row, e in enumerate(examples):

@@ -204,14 +204,19 @@ class World:
         }
 
 
-def build_world(cfg: WorldConfig, seed: int) -> World:
-    """The world for (cfg, seed); identical inputs give identical worlds."""
+def check_world(cfg: WorldConfig) -> None:
+    """What data.world may ask of the templates and names here; the check stage runs this before any work."""
     cfg.check("data.world")
     if cfg.wordings > MAX_WORDINGS:
         raise ConfigError(f"data.world.wordings: {cfg.wordings} is more than the templates available; use at most {MAX_WORDINGS}")
     n_names = len(FIRST_NAMES) * len(LAST_NAMES)
     if cfg.n_people > n_names:
         raise ConfigError(f"data.world.n_people: {cfg.n_people} is more than the {n_names} distinct names; use at most {n_names}")
+
+
+def build_world(cfg: WorldConfig, seed: int) -> World:
+    """The world for (cfg, seed); identical inputs give identical worlds."""
+    check_world(cfg)
     rng = random.Random(f"{seed}:people")
     names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
     people = [(name, {a: rng.choice(VALUES[a]) for a in ATTRIBUTES}) for name in rng.sample(names, cfg.n_people)]

@@ -1,0 +1,41 @@
+"""check: validate all of params.yaml before any stage that could lose its outputs runs.
+
+DVC deletes a stage's outputs just before running it, so a mistake caught inside pretrain would already
+have cost the old checkpoint and metrics (and, their metrics being kept in git, DVC's run-cache could not
+bring them back: the stage would retrain). This stage runs first, on every change to params.yaml (it tracks
+the whole file, so a misspelt top-level section such as `pretrian:` is reported too), and checks what can
+be checked before any work: every key and type, the batch geometry against this launch's process count, and
+model.block_size against the current data when data/ was made with the current data params. Its output
+never changes, so passing it reruns nothing downstream.
+"""
+from __future__ import annotations
+
+from gptlab import paths
+from gptlab.data.records import INFO_FIELDS
+from gptlab.data.world import check_world
+from gptlab.fileio import atomic_write_text, read_json
+from gptlab.stage import check_context, data_params, run, say, start
+
+PASSED = "params.yaml passed the checks of stages/check.py\n"  # constant: downstream stages never rerun for it
+
+
+def main() -> None:
+    params, accelerator = start("check")
+    check_world(params.data.world)  # what the world's templates and names allow
+    T, n = params.model.block_size, accelerator.num_processes
+    params.pretrain.grad_accum_steps(T, n, "pretrain")
+    params.sft.grad_accum_steps(T, n, "sft")
+    params.dpo.grad_accum_steps(2 * T, n, "dpo")  # chosen and rejected: two sequences per pair
+    checked = "params"
+    if paths.DATA_INFO.exists():
+        info = read_json(paths.DATA_INFO, INFO_FIELDS)
+        if info.get("made_with") == data_params(params):  # else tokenize reruns and pretrain checks then
+            check_context(T, info)
+            checked += f", model.block_size against {paths.DATA_INFO}"
+    if accelerator.is_main_process:
+        atomic_write_text(paths.PARAMS_CHECKED, PASSED)
+    say(accelerator, f"[check] ok: {checked}, batch geometry for {n} process(es)")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,314 @@
+"""The bad-input matrix: each case breaks one thing the way a user, a full disk or a crash would, then runs
+the real entry point that reads it (a stage's main under `gptlab.stage.run`, or `gptlab generate`).
+
+Every case must: exit non-zero, print exactly one line, `error: ...`, that names the key, file or folder,
+print no traceback, and leave every file already written (data/, checkpoints/, metrics/) as it was, except
+the one the case damaged. The stages run in-process for speed; tests/test_failures.py runs the same kinds of
+failure through `gptlab run`, `accelerate launch` and `dvc repro`.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import io
+import json
+import os
+import shutil
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from gptlab import stage
+from gptlab.checkpoint import save_checkpoint
+from gptlab.cli import main as cli_main
+from gptlab.model import GPT, GPTConfig
+from gptlab.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.slow  # needs the tiny pipeline's outputs (one `dvc repro`, shared by the session)
+OUTPUT_DIRS = ("data", "checkpoints", "metrics")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    damage: Callable[[Path], None]  # breaks one thing in the project copy
+    run: str  # a stage name, or "generate <args>" for the CLI
+    needles: tuple[str, ...]  # what the error line must name
+    rewrites: tuple[str, ...] = ()  # outputs the run may legitimately replace before failing
+
+
+# --- helpers that damage a project copy ---------------------------------------------------------------
+
+def set_param(dotted: str, value):
+    def damage(p: Path) -> None:
+        params = yaml.safe_load((p / "params.yaml").read_text())
+        *parents, key = dotted.split(".")
+        node = params
+        for k in parents:
+            node = node[k]
+        node[key] = value
+        (p / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return damage
+
+
+def rename_section(old: str, new: str):
+    def damage(p: Path) -> None:
+        params = yaml.safe_load((p / "params.yaml").read_text())
+        params[new] = params.pop(old)
+        (p / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return damage
+
+
+def write_text(rel: str, text: str):
+    return lambda p: _replace(p / rel, text.encode())
+
+
+def write_bytes(rel: str, data: bytes):
+    return lambda p: _replace(p / rel, data)
+
+
+def _replace(path: Path, data: bytes) -> None:
+    path.unlink(missing_ok=True)  # never write through a file DVC may have linked from its cache
+    path.write_bytes(data)
+
+
+def remove(rel: str):
+    def damage(p: Path) -> None:
+        target = p / rel
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    return damage
+
+
+def truncate(rel: str, keep: float = 0.5):
+    def damage(p: Path) -> None:
+        data = (p / rel).read_bytes()
+        _replace(p / rel, data[: int(len(data) * keep)])
+    return damage
+
+
+def edit_json(rel: str, change: Callable[[dict], None]):
+    def damage(p: Path) -> None:
+        obj = json.loads((p / rel).read_text())
+        change(obj)
+        _replace(p / rel, json.dumps(obj).encode())
+    return damage
+
+
+def edit_jsonl(rel: str, change: Callable[[list], list]):
+    def damage(p: Path) -> None:
+        rows = [json.loads(line) for line in (p / rel).read_text().splitlines()]
+        _replace(p / rel, "".join(json.dumps(r) + "\n" for r in change(rows)).encode())
+    return damage
+
+
+def shard_header(rel: str, change: Callable[[dict], None]):
+    """Rewrite a shard's JSON header in place of the original (same 256 bytes)."""
+    def damage(p: Path) -> None:
+        data = (p / rel).read_bytes()
+        head = json.loads(data[8:256].decode())
+        change(head)
+        _replace(p / rel, data[:8] + json.dumps(head).encode().ljust(248) + data[256:])
+    return damage
+
+
+def shard_id(rel: str, value: int):
+    """Overwrite the last token id of a uint16 shard."""
+    def damage(p: Path) -> None:
+        data = bytearray((p / rel).read_bytes())
+        data[-2:] = struct.pack("<H", value)
+        _replace(p / rel, bytes(data))
+    return damage
+
+
+def nan_checkpoint(stage_name: str):
+    """A complete, consistent checkpoint whose weights are all NaN (it would generate blanks)."""
+    def damage(p: Path) -> None:
+        folder = p / "checkpoints" / stage_name
+        meta = json.loads((folder / "meta.json").read_text())
+        model = GPT(GPTConfig(**{k: meta["model"][k] for k in GPTConfig.__dataclass_fields__}))
+        for param in model.parameters():
+            param.data.fill_(float("nan"))
+        tok = load_tokenizer(folder / "tokenizer")
+        save_checkpoint(folder, model, {k: v for k, v in meta.items() if k not in ("model", "tokenizer")}, tok)
+    return damage
+
+
+def swap_weights(into: str, source: str):
+    """Weights from one checkpoint beside another's meta.json: a kill-mid-write kind of mix-up."""
+    def damage(p: Path) -> None:
+        _replace(p / "checkpoints" / into / "model.safetensors", (p / "checkpoints" / source / "model.safetensors").read_bytes())
+    return damage
+
+
+def same_pairs(rows: list) -> list:
+    return [{**r, "rejected": r["chosen"]} for r in rows]
+
+
+def relabel(rows: list) -> list:
+    return [{**rows[0], "label": 7}, *rows[1:]]
+
+
+CASES = [
+    # params.yaml: caught by the check stage, before any stage whose outputs DVC would delete
+    Case("lr-as-string", set_param("pretrain.lr", "2e-4"), "check", ("pretrain.lr", "2.0e-4")),
+    Case("misspelt-section", rename_section("pretrain", "pretrian"), "check", ("pretrian", "did you mean 'pretrain'")),
+    Case("float-steps", set_param("sft.max_steps", 1.5), "check", ("sft.max_steps", "integer")),
+    Case("embd-vs-heads", set_param("model.n_embd", 33), "check", ("model.n_embd", "model.n_head")),
+    Case("beta-zero", set_param("dpo.beta", 0.0), "check", ("dpo.beta",)),
+    Case("tokenizer-kind", set_param("tokenizer.kind", "wordpiece"), "check", ("tokenizer.kind", "char")),
+    Case("bias-yes", set_param("model.bias", "yes"), "check", ("model.bias", "true or false")),
+    Case("negative-seed", set_param("seed", -1), "check", ("seed",)),
+    Case("too-many-wordings", set_param("data.world.wordings", 99), "check", ("data.world.wordings", "at most")),
+    Case("heldout-frac", set_param("data.world.heldout_frac", 1.5), "check", ("data.world.heldout_frac",)),
+    Case("temperature-text", set_param("evaluate.temperature", "hot"), "check", ("evaluate.temperature",)),
+    Case("section-not-mapping", set_param("model", "big"), "check", ("model", "mapping")),
+    Case("tokens-per-step", set_param("sft.tokens_per_step", 1000), "check", ("sft.tokens_per_step", "multiple")),
+    Case("block-size-vs-data", set_param("model.block_size", 16), "check", ("model.block_size", "longest")),
+    Case("yaml-syntax", write_text("params.yaml", "seed: [1,\n"), "check", ("params.yaml", "YAML", "line 2")),
+    Case("params-missing", remove("params.yaml"), "check", ("params.yaml", "not found")),
+    # token shards
+    Case("shard-missing", remove("data/train.bin"), "pretrain", ("data/train.bin", "not found")),
+    Case("shard-truncated", truncate("data/train.bin"), "pretrain", ("data/train.bin",)),
+    Case("shard-dtype-edited", shard_header("data/train.bin", lambda h: h.update(dtype="uint32")), "pretrain",
+         ("data/train.bin",)),
+    Case("shard-bad-magic", write_bytes("data/val.bin", b"NOTASHARD" * 40), "pretrain", ("data/val.bin",)),
+    Case("shard-header-json", write_bytes("data/train.bin", b"GPTLABTK" + b"{not json" + b" " * 300), "pretrain",
+         ("data/train.bin",)),
+    Case("shard-id-out-of-vocab", shard_id("data/train.bin", 65535), "pretrain", ("data/train.bin",)),
+    # tokenizer and info.json
+    Case("tokenizer-json", write_text("data/tokenizer/tokenizer.json", "{oops"), "pretrain",
+         ("data/tokenizer/tokenizer.json",)),
+    Case("tokenizer-regex", edit_json("data/tokenizer/tokenizer.json", lambda t: t.update(pattern="(a+)+$")),
+         "pretrain", ("data/tokenizer/tokenizer.json", "pattern")),
+    Case("bpe-ranks-line", write_text("data/tokenizer/bpe.tiktoken", "not-a-rank-line\n"), "pretrain",
+         ("data/tokenizer/bpe.tiktoken",)),
+    Case("info-json", write_text("data/info.json", "{"), "pretrain", ("data/info.json",)),
+    Case("info-missing-key", edit_json("data/info.json", lambda i: i.pop("longest_example")), "pretrain",
+         ("data/info.json", "longest_example")),
+    # jsonl sets
+    Case("sft-bad-json-line", write_text("data/sft_train.jsonl", '{"question": "q", "response": " r"}\n{oops\n'),
+         "sft", ("data/sft_train.jsonl:2",)),
+    Case("sft-missing-field", edit_jsonl("data/sft_train.jsonl", lambda rows: [{"question": "q"}, *rows]), "sft",
+         ("data/sft_train.jsonl:1", "response")),
+    Case("sft-not-object", write_text("data/sft_train.jsonl", "[1, 2]\n"), "sft", ("data/sft_train.jsonl:1",)),
+    Case("sft-not-utf8", write_bytes("data/sft_train.jsonl", b'{"question": "\xff\xfe", "response": "x"}\n'), "sft",
+         ("data/sft_train.jsonl",)),
+    Case("sft-empty", write_text("data/sft_train.jsonl", ""), "sft", ("data/sft_train.jsonl",)),
+    Case("sft-heldout-empty", write_text("data/sft_heldout.jsonl", ""), "sft", ("data/sft_heldout.jsonl",)),
+    Case("prefs-chosen-is-rejected", edit_jsonl("data/prefs_train.jsonl", same_pairs), "dpo",
+         ("data/prefs_train.jsonl", "chosen")),
+    Case("prefs-heldout-empty", write_text("data/prefs_heldout.jsonl", ""), "dpo", ("data/prefs_heldout.jsonl",)),
+    Case("mc-label-out-of-range", edit_jsonl("data/mc_eval.jsonl", relabel), "evaluate",
+         ("data/mc_eval.jsonl:1", "label")),
+    Case("mc-endings-not-list", edit_jsonl("data/mc_eval.jsonl", lambda rows: [{**rows[0], "endings": "x"}]),
+         "evaluate", ("data/mc_eval.jsonl:1", "endings")),
+    # checkpoints, read by the next stage
+    Case("ckpt-missing", remove("checkpoints/pretrain"), "sft", ("checkpoints/pretrain",)),
+    Case("ckpt-weights-truncated", truncate("checkpoints/pretrain/model.safetensors"), "sft",
+         ("checkpoints/pretrain",)),
+    Case("ckpt-meta-json", write_text("checkpoints/pretrain/meta.json", "{"), "sft", ("checkpoints/pretrain",)),
+    Case("ckpt-unknown-model-key", edit_json("checkpoints/pretrain/meta.json", lambda m: m["model"].update(foo=1)),
+         "sft", ("checkpoints/pretrain", "foo")),
+    Case("ckpt-absurd-size", edit_json("checkpoints/sft/meta.json", lambda m: m["model"].update(n_embd=2**30)),
+         "dpo", ("checkpoints/sft",)),
+    Case("ckpt-nan-weights", nan_checkpoint("sft"), "dpo", ("checkpoints/sft", "NaN")),
+    Case("ckpt-weights-from-elsewhere", swap_weights("pretrain", "dpo"), "sft", ("checkpoints/pretrain",)),
+    Case("ckpt-dpo-damaged-for-evaluate", truncate("checkpoints/dpo/model.safetensors", 0.9), "evaluate",
+         ("checkpoints/dpo",)),
+    # gptlab generate
+    Case("generate-truncated", truncate("checkpoints/dpo/model.safetensors"), "generate checkpoints/dpo --prompt x",
+         ("checkpoints/dpo",)),
+    Case("generate-not-a-checkpoint", lambda p: None, "generate data --prompt x", ("data",)),
+    Case("generate-missing-folder", lambda p: None, "generate checkpoints/nope --prompt x", ("checkpoints/nope",)),
+    Case("generate-temperature-nan", lambda p: None, "generate checkpoints/dpo --prompt x --temperature nan",
+         ("--temperature",)),
+    Case("generate-top-p", lambda p: None, "generate checkpoints/dpo --prompt x --top_p 1.5", ("--top_p",)),
+    Case("generate-no-tokenizer", remove("checkpoints/sft/tokenizer"), "generate checkpoints/sft --prompt x",
+         ("checkpoints/sft",)),
+    Case("generate-nan-weights", nan_checkpoint("pretrain"), "generate checkpoints/pretrain --prompt x",
+         ("checkpoints/pretrain", "NaN")),
+    # faults during training
+    # (its metrics folder holds the failed run's curve up to the bad step: what a user needs to see why)
+    Case("loss-goes-nan", set_param("pretrain.lr", 1.0e30), "pretrain", ("pretrain", "loss is"), ("metrics/pretrain",)),
+]
+
+
+# --- running a case ---------------------------------------------------------------------------------
+
+def snapshot(project: Path) -> dict[str, str]:
+    out = {}
+    for top in OUTPUT_DIRS:
+        for path in sorted((project / top).rglob("*")):
+            if path.is_file():
+                out[str(path.relative_to(project))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def outside(files: dict[str, str], rewrites: tuple[str, ...]) -> dict[str, str]:
+    return {k: v for k, v in files.items() if not any(k.startswith(r) for r in rewrites)}
+
+
+def run_case(project: Path, command: str) -> tuple[int, str]:
+    """Run one entry point in-process in `project`; returns (exit code, everything it printed to stderr)."""
+    err = io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(project)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            if command.startswith("generate"):
+                code = cli_main([*command.split()[:1], *command.split()[1:]])
+            else:
+                module = importlib.import_module(f"stages.{command}")
+                try:
+                    stage.run(module.main)
+                    code = 0
+                except SystemExit as e:
+                    code = e.code
+    finally:
+        os.chdir(cwd)
+    return code, err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pristine(tiny_project, tmp_path_factory) -> Path:
+    """The tiny project after `dvc repro`, without DVC's cache and git (the cases only read outputs)."""
+    dest = tmp_path_factory.mktemp("matrix") / "base"
+    shutil.copytree(tiny_project, dest, ignore=shutil.ignore_patterns(".git", "cache", "tmp"))
+    return dest
+
+
+@pytest.fixture(autouse=True, scope="module")
+def stages_importable():
+    sys.path.insert(0, str(ROOT))
+    yield
+    sys.path.remove(str(ROOT))
+
+
+def test_the_matrix_has_at_least_40_cases():
+    assert len(CASES) >= 40 and len({c.name for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_one_clear_line_and_loses_nothing(case, pristine, tmp_path):
+    project = tmp_path / "p"
+    shutil.copytree(pristine, project)
+    case.damage(project)
+    before = snapshot(project)
+    code, err = run_case(project, case.run)
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    assert case.rewrites or lines == errors, err  # only a run that had started training printed progress first
+    for needle in case.needles:
+        assert needle in errors[0], (needle, errors[0])
+    # nothing already written was changed or lost, and no half-written file was added
+    assert outside(snapshot(project), case.rewrites) == outside(before, case.rewrites)
