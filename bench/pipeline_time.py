@@ -18,8 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from gptlab.launch import STAGES  # the DAG's stages, in order
+
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("tokenize", "pretrain", "sft", "dpo", "evaluate")
 
 
 def copy_project(dest: Path) -> None:

@@ -10,8 +10,11 @@ never changes, so passing it reruns nothing downstream.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from gptlab import paths
 from gptlab.data.records import INFO_FIELDS
+from gptlab.data.sources import check_sources
 from gptlab.data.world import check_world
 from gptlab.fileio import atomic_write_text, read_json
 from gptlab.stage import check_context, data_params, run, say, start
@@ -22,6 +25,9 @@ PASSED = "params.yaml passed the checks of stages/check.py\n"  # constant: downs
 def main() -> None:
     params, accelerator = start("check")
     check_world(params.data.world)  # what the world's templates and names allow
+    # local files: globs that match nothing, unreadable files, missing text fields (hub sources need the
+    # network: tokenize checks those, still before any work)
+    check_sources(params.data.sources, Path("."), None, kinds=("files",))
     T, n = params.model.block_size, accelerator.num_processes
     params.pretrain.grad_accum_steps(T, n, "pretrain")
     params.sft.grad_accum_steps(T, n, "sft")

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
 
 from gptlab import paths
 from gptlab.data.formats import encode_pairs
+from gptlab.data.loader import Slicer, StepCache, step_rows
 from gptlab.data.records import read_prefs
 from gptlab.evaluation import batch_pair_logps, pair_logps
 from gptlab.losses import dpo_loss
@@ -54,10 +54,11 @@ def main() -> None:
         "epochs": f"{cfg.max_steps * cfg.tokens_per_step / (2 * T) / len(pairs):.1f}",
     })
 
-    rng = np.random.default_rng(params.seed + accelerator.process_index)
+    slicer = Slicer(cfg.micro_batch_size, grad_accum, accelerator.process_index, accelerator.num_processes)
+    step_batch = StepCache(lambda step: step_rows(len(pairs), params.seed, step, slicer.global_rows))
 
-    def next_batch():
-        chosen = rng.integers(0, len(pairs), cfg.micro_batch_size)
+    def next_batch(step, micro):
+        chosen = slicer.take(step_batch(step), micro)
         return [pairs[i] for i in chosen], ref_chosen[chosen], ref_rejected[chosen]
 
     def loss(m, batch):

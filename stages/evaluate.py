@@ -12,13 +12,13 @@ import torch
 from gptlab import paths
 from gptlab.checkpoint import load_checkpoint
 from gptlab.data.formats import encode_pairs, format_prompt
+from gptlab.data.loader import Windows
 from gptlab.data.records import INFO_FIELDS, read_mc, read_prefs, read_questions
-from gptlab.data.shards import read_shard
 from gptlab.data.world import answer_matches, style_of
 from gptlab.evaluation import greedy_answers, multiple_choice, pair_logps, shard_loss
 from gptlab.fileio import atomic_write_json, atomic_write_text, read_json
 from gptlab.sampling import generate
-from gptlab.stage import announce, require_same_tokenizer, run, start
+from gptlab.stage import announce, read_split, require_same_tokenizer, run, start
 from gptlab.tokenizer import load_tokenizer
 
 MODELS = ("pretrain", "sft", "dpo")
@@ -61,15 +61,16 @@ def main() -> None:
     ecfg, device = params.evaluate, accelerator.device
     info = read_json(paths.DATA_INFO, INFO_FIELDS)
     tok = load_tokenizer(paths.TOKENIZER)
-    val = read_shard(paths.VAL_SHARD, tok.n_vocab)
-    require_same_tokenizer("evaluate", tok, val.fingerprint)
+    val = read_split("evaluate", "val", tok)
     questions = take(read_questions(paths.SFT_HELDOUT), ecfg.max_questions)
     mc_items = take(read_mc(paths.MC_EVAL), ecfg.max_mc_items)
     heldout_pairs = read_prefs(paths.PREFS_HELDOUT)[0]
     prompts = [format_prompt(q["question"]) for q in questions[: ecfg.n_samples // 2]]
     prompts += [item["ctx"] for item in mc_items[: ecfg.n_samples - len(prompts)]]
 
-    metrics: dict[str, dict] = {"data": {"entropy_floor": info["entropy_floor"], "ln_vocab": math.log(tok.n_vocab)}}
+    metrics: dict[str, dict] = {"data": {"ln_vocab": math.log(tok.n_vocab)}}
+    if "entropy_floor" in info:  # the world alone knows the loss a perfect model would reach
+        metrics["data"] = {"entropy_floor": info["entropy_floor"], **metrics["data"]}
     report = ["# Samples", "", f"temperature {ecfg.temperature}, top_k {ecfg.top_k}, top_p {ecfg.top_p}", ""]
     checkpoints = {name: load_checkpoint(paths.checkpoint_dir(name), device) for name in MODELS}  # all checked first
     for _, meta in checkpoints.values():
@@ -79,7 +80,7 @@ def main() -> None:
         model.eval()
         T = model.config.block_size
         pairs = encode_pairs(tok, heldout_pairs, T, str(paths.PREFS_HELDOUT))
-        val_loss = shard_loss(model, val.tokens, T, ecfg.val_batches, ecfg.micro_batch_size)
+        val_loss = shard_loss(model, Windows(val, T), ecfg.val_batches, ecfg.micro_batch_size)
         m = {"val_loss": val_loss, "perplexity": math.exp(val_loss)}
         m |= multiple_choice(model, tok, mc_items, ecfg.micro_batch_size)
         scores, answers = answer_metrics(model, tok, questions, ecfg.max_new_tokens)

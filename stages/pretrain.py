@@ -3,16 +3,14 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-import numpy as np
-
 from gptlab import paths
+from gptlab.data.loader import Slicer, StepCache, Windows, step_windows
 from gptlab.data.records import INFO_FIELDS
-from gptlab.data.shards import read_shard
-from gptlab.evaluation import shard_loss, windows
+from gptlab.evaluation import shard_loss
 from gptlab.fileio import read_json
 from gptlab.losses import token_loss
 from gptlab.model import GPT, GPTConfig
-from gptlab.stage import announce, check_context, require_same_tokenizer, run, stage_meta, start
+from gptlab.stage import announce, check_context, read_split, run, stage_meta, start
 from gptlab.tokenizer import load_tokenizer, padded_vocab_size
 from gptlab.train import Task, open_live, train
 
@@ -21,32 +19,32 @@ def main() -> None:
     params, accelerator = start("pretrain")
     cfg, T = params.pretrain, params.model.block_size
     tok = load_tokenizer(paths.TOKENIZER)  # first, so the shards' ids can be checked against its vocabulary
-    train_shard, val_shard = read_shard(paths.TRAIN_SHARD, tok.n_vocab), read_shard(paths.VAL_SHARD, tok.n_vocab)
-    for shard in (train_shard, val_shard):
-        require_same_tokenizer("pretrain", tok, shard.fingerprint)
+    train_windows = Windows(read_split("pretrain", "train", tok), T)
+    val_windows = Windows(read_split("pretrain", "val", tok), T)
     check_context(T, read_json(paths.DATA_INFO, INFO_FIELDS))  # sft and dpo inherit T: fail now, not after
     grad_accum = cfg.grad_accum_steps(T, accelerator.num_processes, "pretrain")
     model = GPT(GPTConfig(**asdict(params.model), vocab_size=padded_vocab_size(tok.n_vocab)))
+    slicer = Slicer(cfg.micro_batch_size, grad_accum, accelerator.process_index, accelerator.num_processes)
     announce(accelerator, "pretrain", {
         "params": f"{model.num_params() / 1e6:.2f}M",
         "vocab": f"{tok.n_vocab} (padded {model.config.vocab_size})",
         "tokens/step": cfg.tokens_per_step,
         "grad_accum": grad_accum,
-        "epochs": f"{cfg.max_steps * cfg.tokens_per_step / len(train_shard.tokens):.1f}",
+        "epochs": f"{cfg.max_steps * slicer.global_rows / train_windows.n * T:.1f}",
     })
 
-    rng = np.random.default_rng(params.seed + accelerator.process_index)  # each process its own windows
-    high = len(train_shard.tokens) - T - 1
+    # each step's global batch of distinct windows; this process takes its slice (data/loader.py)
+    step_batch = StepCache(lambda step: step_windows(train_windows.n, params.seed, step, slicer.global_rows))
 
-    def next_batch():
-        return windows(train_shard.tokens, rng.integers(0, high + 1, cfg.micro_batch_size), T, accelerator.device)
+    def next_batch(step, micro):
+        return train_windows.batch(slicer.take(step_batch(step), micro), accelerator.device)
 
     def loss(m, batch):
         idx, targets = batch
         return token_loss(m(idx), targets), {}, idx.numel()
 
     def evaluate(m):
-        return {"val_loss": shard_loss(m, val_shard.tokens, T, cfg.eval_batches, cfg.micro_batch_size)}
+        return {"val_loss": shard_loss(m, val_windows, cfg.eval_batches, cfg.micro_batch_size)}
 
     meta = stage_meta("pretrain", params, ("data", "tokenizer", "model", "pretrain"), parent=None)
     live = open_live(paths.metrics_dir("pretrain"), accelerator)

@@ -1,10 +1,9 @@
 """sft: supervised fine-tuning of the pretrained model on question/response pairs, loss on responses only."""
 from __future__ import annotations
 
-import numpy as np
-
 from gptlab import paths
 from gptlab.data.formats import collate, encode_examples
+from gptlab.data.loader import Slicer, StepCache, step_rows
 from gptlab.data.records import read_sft
 from gptlab.evaluation import examples_loss
 from gptlab.losses import token_loss
@@ -28,10 +27,11 @@ def main() -> None:
         "epochs": f"{cfg.max_steps * cfg.tokens_per_step / T / len(examples):.1f}",
     })
 
-    rng = np.random.default_rng(params.seed + accelerator.process_index)
+    slicer = Slicer(cfg.micro_batch_size, grad_accum, accelerator.process_index, accelerator.num_processes)
+    step_batch = StepCache(lambda step: step_rows(len(examples), params.seed, step, slicer.global_rows))
 
-    def next_batch():
-        chosen = rng.integers(0, len(examples), cfg.micro_batch_size)
+    def next_batch(step, micro):
+        chosen = slicer.take(step_batch(step), micro)
         idx, targets = collate([examples[i] for i in chosen], tok.eot_id)
         return idx.to(accelerator.device), targets.to(accelerator.device)
 

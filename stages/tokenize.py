@@ -1,72 +1,123 @@
-"""tokenize: build the world, train/save the tokenizer, write token shards and the SFT, preference and
-evaluation sets, and the corpus statistics (incl. the entropy floor in nats per token).
+"""tokenize: train the tokenizer on the configured sources, write them mixed into token shards, and write the
+world's SFT, preference and evaluation sets and the corpus statistics (data/info.json).
 
-Everything is computed and encoded before the first file is written, so input the tokenizer cannot
-handle fails with data/ untouched; each file is then written to a temp name and renamed."""
+The sources are checked and every fine-tuning set encoded before the first file is written; the shards are
+written into a temp folder that replaces data/shards/ whole at the end, and every other file is written to a
+temp name and renamed: a failure or a kill leaves data/ as it was."""
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from gptlab import paths
+from gptlab.config import GptlabError
 from gptlab.data.formats import encode_example, format_prompt
-from gptlab.data.shards import write_shard
+from gptlab.data.sources import check_sources, mixed_documents, tokenizer_sample
+from gptlab.data.tokenize import Budgets, write_shards
 from gptlab.data.world import build_world
 from gptlab.fileio import atomic_write_json, write_jsonl
-from gptlab.stage import announce, data_params, run, start
-from gptlab.tokenizer import train_tokenizer
+from gptlab.stage import announce, data_params, run, say, start
+from gptlab.tokenizer import TokenizerError, train_tokenizer
 
 
 def main() -> None:
     params, accelerator = start("tokenize")
-    if not accelerator.is_main_process:  # one writer; nothing here is worth splitting across processes
+    if not accelerator.is_main_process:  # one writer; the tokenizer workers below are its own processes
         return
-    world = build_world(params.data.world, params.seed)
-    docs = {split: world.pretrain_docs(split) for split in ("train", "val")}
+    data, root = params.data, Path(".")
+    # the fine-tuning and evaluation sets come from the world whatever the pretraining sources are
+    world = build_world(data.world, params.seed)
+    for line in check_sources(data.sources, root, world):  # cheap checks, before any work
+        say(accelerator, f"[tokenize] {line}")
     sft_train, prefs_train = world.sft_examples("train"), world.preference_pairs("train")
     # evaluation records carry the candidate answers, so scoring needs no knowledge of the world
     heldout = [{**row, "candidates": list(world.candidates(row["attribute"]))} for row in world.sft_examples("heldout")]
     prefs_heldout, mc_items = world.preference_pairs("heldout"), world.mc_items()
-    # The tokenizer learns from everything the models train on (never the held-out sets), so the
-    # answer phrasings get real tokens rather than byte fragments; it must also encode the prompt template.
-    finetune_text = [r["question"] + r["response"] for r in sft_train]
-    finetune_text += [r["question"] + r["chosen"] + r["rejected"] for r in prefs_train]
-    tok = train_tokenizer(params.tokenizer, docs["train"] + finetune_text, must_encode=format_prompt(""))
-    ids = {split: tok.encode_batch(docs[split]) for split in ("train", "val")}
-    n_tokens = {split: sum(len(doc) + 1 for doc in ids[split]) for split in ids}  # + one EOT per document
 
-    # the longest prompt+response a later stage trains or evaluates on: pretrain checks model.block_size
-    # against it, so a too-small context fails before pretraining rather than after
-    answered = [(r["question"], r["response"]) for r in sft_train + heldout]
-    answered += [(r["question"], r[k]) for r in prefs_train + prefs_heldout for k in ("chosen", "rejected")]
-    longest = max(len(encode_example(tok, question, response).ids) for question, response in answered)
-    for item in mc_items:  # evaluate encodes these: fail here, before writing, if the tokenizer cannot
-        tok.encode_batch([item["ctx"], *item["endings"]])
-    # The generator knows how many nats of random choice went into each split; per token of the val shard
-    # this is the loss a model that memorised the world's facts could reach.
-    floor = world.corpus_nats("val") / n_tokens["val"]
-    info = {
-        "tokenizer": tok.describe(),
-        "made_with": data_params(params),  # lets the check stage tell whether data/ is current
-        "longest_example": longest,
-        "n_tokens": n_tokens,
-        "entropy_floor": floor,
-        "world": world.summary(),
-    }
+    # The tokenizer learns from the pretraining text, and, when the world is a source, from everything the
+    # models fine-tune on (never the held-out sets), so answer phrasings get real tokens; it must also encode
+    # the prompt template. A char tokenizer over another corpus keeps that corpus's characters (Shakespeare:
+    # 65 + EOT): the world's examples it cannot encode (arithmetic's digits) are left out of the sets.
+    text = tokenizer_sample(data.sources, params.seed, root, world, params.tokenizer.train_chars)
+    if any(source.kind == "world" for source in data.sources):
+        text += [r["question"] + r["response"] for r in sft_train]
+        text += [r["question"] + r["chosen"] + r["rejected"] for r in prefs_train]
+    tok = train_tokenizer(params.tokenizer, text, must_encode=format_prompt(""))
+    sets = {"sft_train": sft_train, "sft_heldout": heldout, "prefs_train": prefs_train,
+            "prefs_heldout": prefs_heldout, "mc_eval": mc_items}
+    sets, dropped = encodable(tok, sets)
+    sft_train, heldout, prefs_train, prefs_heldout, mc_items = sets.values()
+    longest = longest_example(tok, sft_train, heldout, prefs_train, prefs_heldout)
 
+    with tempfile.TemporaryDirectory() as tmp:  # the workers load the tokenizer from here
+        tok.save(Path(tmp) / "tokenizer")
+        stop: set[tuple[int, str]] = set()
+        docs = mixed_documents(data.sources, params.seed, root, world, stop)
+        budgets = Budgets(total=data.max_tokens, per_source=tuple(s.max_tokens for s in data.sources), val=data.val_tokens)
+        stats = write_shards(docs, Path(tmp) / "tokenizer", paths.SHARDS, shard_tokens=data.shard_tokens,
+                             workers=data.workers, budgets=budgets, stop=stop)
+    n_tokens = {split: stats[split]["n_tokens"] for split in ("train", "val")}
     tok.save(paths.TOKENIZER)
-    for split, path in (("train", paths.TRAIN_SHARD), ("val", paths.VAL_SHARD)):
-        write_shard(path, ids[split], tok.eot_id, tok.n_vocab, tok.fingerprint)
     write_jsonl(paths.SFT_TRAIN, sft_train)
     write_jsonl(paths.SFT_HELDOUT, heldout)
     write_jsonl(paths.PREFS_TRAIN, prefs_train)
     write_jsonl(paths.PREFS_HELDOUT, prefs_heldout)
     write_jsonl(paths.MC_EVAL, mc_items)
+    info = {
+        "tokenizer": tok.describe(),
+        "made_with": data_params(params),  # lets the check stage tell whether data/ is current
+        "longest_example": longest,
+        "n_tokens": n_tokens,
+        "sources": stats["per_source"],
+        "dropped_rows": dropped,  # world rows a char tokenizer of another corpus cannot encode
+        "world": world.summary(),
+    }
+    if [s.kind for s in data.sources] == ["world"]:
+        # The generator knows how many nats of random choice went into the val split; per val token this is
+        # the loss a model that memorised the world's facts could reach (only the world alone has one).
+        info["entropy_floor"] = world.corpus_nats("val") / n_tokens["val"]
     atomic_write_json(paths.DATA_INFO, info)  # last: its presence says the set is complete
     announce(accelerator, "tokenize", {
         "tokenizer": f"{tok.kind} ({tok.n_vocab} ids)",
-        "train tokens": n_tokens["train"],
+        "train tokens": f"{n_tokens['train']} in {stats['train']['n_shards']} shard(s)",
         "val tokens": n_tokens["val"],
-        "entropy floor": f"{floor:.3f} nats/token",
+        **({"entropy floor": f"{info['entropy_floor']:.3f} nats/token"} if "entropy_floor" in info else {}),
         "longest example": f"{longest} tokens",
+        **({"left out": ", ".join(f"{n} {k}" for k, n in dropped.items() if n)} if any(dropped.values()) else {}),
     })
+
+
+ENCODED = ("question", "response", "chosen", "rejected", "ctx", "endings")  # the fields later stages encode
+
+
+def encodable(tok, sets: dict[str, list[dict]]) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """Each set without the rows this tokenizer cannot encode (only a char tokenizer can meet such a row),
+    and how many each lost; a set left empty is an error."""
+    kept, dropped = {}, {}
+    for name, rows in sets.items():
+        kept[name] = [row for row in rows if _encodes(tok, row)]
+        dropped[name] = len(rows) - len(kept[name])
+        if not kept[name]:
+            raise GptlabError(f"[tokenize] the {tok.kind} tokenizer cannot encode any row of the world's {name} set; "
+                              "add the world as a source (data.sources) or use tokenizer.kind: bpe")
+    return kept, dropped
+
+
+def _encodes(tok, row: dict) -> bool:
+    texts = [t for key in ENCODED if key in row for t in ([row[key]] if isinstance(row[key], str) else row[key])]
+    try:
+        tok.encode_batch(texts)
+    except TokenizerError:
+        return False
+    return True
+
+
+def longest_example(tok, sft_train, heldout, prefs_train, prefs_heldout) -> int:
+    """The longest prompt+response a later stage trains or evaluates on: pretrain checks model.block_size
+    against it, so a too-small context fails before pretraining, not after."""
+    answered = [(r["question"], r["response"]) for r in sft_train + heldout]
+    answered += [(r["question"], r[k]) for r in prefs_train + prefs_heldout for k in ("chosen", "rejected")]
+    return max(len(encode_example(tok, question, response).ids) for question, response in answered)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from gptlab.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.slow  # needs the tiny pipeline's outputs (one `dvc repro`, shared by the session)
 OUTPUT_DIRS = ("data", "checkpoints", "metrics")
+TRAIN, VAL = "data/shards/train_000000.bin", "data/shards/val_000000.bin"
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,16 @@ def swap_weights(into: str, source: str):
     return damage
 
 
+def files_source(globs: list[str], files: dict[str, str | bytes] | None = None):
+    """A second source, of kind files, beside the world; `files` are written first (text or raw bytes)."""
+    def damage(p: Path) -> None:
+        for rel, content in (files or {}).items():
+            (p / rel).parent.mkdir(parents=True, exist_ok=True)
+            (p / rel).write_bytes(content if isinstance(content, bytes) else content.encode())
+        set_param("data.sources", [{"kind": "world", "weight": 1.0}, {"kind": "files", "paths": globs, "weight": 1.0}])(p)
+    return damage
+
+
 def same_pairs(rows: list) -> list:
     return [{**r, "rejected": r["chosen"]} for r in rows]
 
@@ -173,15 +184,32 @@ CASES = [
     Case("block-size-vs-data", set_param("model.block_size", 16), "check", ("model.block_size", "longest")),
     Case("yaml-syntax", write_text("params.yaml", "seed: [1,\n"), "check", ("params.yaml", "YAML", "line 2")),
     Case("params-missing", remove("params.yaml"), "check", ("params.yaml", "not found")),
+    # data.sources: config-level and local-file problems, also caught by check
+    Case("source-kind", set_param("data.sources", [{"kind": "ftp", "weight": 1.0}]), "check",
+         ("data.sources[0].kind", "world")),
+    Case("source-weight-zero", set_param("data.sources", [{"kind": "world", "weight": 0.0}]), "check",
+         ("data.sources[0].weight",)),
+    Case("source-no-kind", set_param("data.sources", [{"weight": 1.0}]), "check", ("data.sources[0].kind", "missing")),
+    Case("source-key-of-other-kind", set_param("data.sources", [{"kind": "world", "paths": ["x.txt"]}]), "check",
+         ("data.sources[0].paths", "only for kind files")),
+    Case("source-glob-matches-nothing", files_source(["corpus/*.txt"]), "check",
+         ("data.sources[1].paths", "corpus/*.txt", "matches no file")),
+    Case("source-unsupported-file", files_source(["corpus/a.csv"], {"corpus/a.csv": "x,y\n"}), "check",
+         ("data.sources[1].paths", "a.csv")),
+    Case("source-empty-files", files_source(["corpus/*.txt"], {"corpus/a.txt": "", "corpus/b.txt": " \n"}), "check",
+         ("data.sources[1].paths", "no documents")),
+    Case("source-missing-text-field", files_source(["corpus/d.jsonl"], {"corpus/d.jsonl": '{"body": "hi"}\n'}), "check",
+         ("data.sources[1].text_field", "'text'", "body")),
+    Case("source-not-utf8", files_source(["corpus/*.txt"], {"corpus/a.txt": b"caf\xe9"}), "check",
+         ("data.sources[1].paths", "a.txt", "UTF-8")),
     # token shards
-    Case("shard-missing", remove("data/train.bin"), "pretrain", ("data/train.bin", "not found")),
-    Case("shard-truncated", truncate("data/train.bin"), "pretrain", ("data/train.bin",)),
-    Case("shard-dtype-edited", shard_header("data/train.bin", lambda h: h.update(dtype="uint32")), "pretrain",
-         ("data/train.bin",)),
-    Case("shard-bad-magic", write_bytes("data/val.bin", b"NOTASHARD" * 40), "pretrain", ("data/val.bin",)),
-    Case("shard-header-json", write_bytes("data/train.bin", b"GPTLABTK" + b"{not json" + b" " * 300), "pretrain",
-         ("data/train.bin",)),
-    Case("shard-id-out-of-vocab", shard_id("data/train.bin", 65535), "pretrain", ("data/train.bin",)),
+    Case("shards-missing", remove("data/shards"), "pretrain", ("data/shards",)),
+    Case("shard-truncated", truncate(TRAIN), "pretrain", (TRAIN,)),
+    Case("shard-dtype-edited", shard_header(TRAIN, lambda h: h.update(dtype="uint32")), "pretrain", (TRAIN,)),
+    Case("shard-bad-magic", write_bytes(VAL, b"NOTASHARD" * 40), "pretrain", (VAL,)),
+    Case("shard-header-json", write_bytes(TRAIN, b"GPTLABTK" + b"{not json" + b" " * 300), "pretrain", (TRAIN,)),
+    Case("shard-id-out-of-vocab", shard_id(TRAIN, 65535), "pretrain", (TRAIN,)),
+    Case("val-shard-damaged-for-evaluate", truncate(VAL, 0.9), "evaluate", (VAL,)),
     # tokenizer and info.json
     Case("tokenizer-json", write_text("data/tokenizer/tokenizer.json", "{oops"), "pretrain",
          ("data/tokenizer/tokenizer.json",)),
@@ -312,3 +340,18 @@ def test_bad_input_is_one_clear_line_and_loses_nothing(case, pristine, tmp_path)
         assert needle in errors[0], (needle, errors[0])
     # nothing already written was changed or lost, and no half-written file was added
     assert outside(snapshot(project), case.rewrites) == outside(before, case.rewrites)
+
+
+def test_tokenize_that_cannot_encode_its_sets_fails_before_writing_anything(pristine, tmp_path, monkeypatch):
+    """Everything is encoded before the first file is written: a failure leaves data/ as it was."""
+    from gptlab.data.world import World
+
+    project = tmp_path / "p"
+    shutil.copytree(pristine, project)
+    set_param("tokenizer.kind", "char")(project)
+    items = World.mc_items
+    monkeypatch.setattr(World, "mc_items", lambda self: [{**items(self)[0], "ctx": "price in €"}, *items(self)[1:]])
+    before = snapshot(project)
+    code, err = run_case(project, "tokenize")
+    assert code == 2 and err.startswith("error: ") and "'€'" in err and "Traceback" not in err, err
+    assert snapshot(project) == before

@@ -31,7 +31,7 @@ def test_check_runs_first_on_any_params_change_and_everything_waits_for_it():
 
 
 def test_tokenize_outs_are_the_paths_the_code_writes():
-    written = {paths.TOKENIZER, paths.TRAIN_SHARD, paths.VAL_SHARD, paths.SFT_TRAIN, paths.SFT_HELDOUT,
+    written = {paths.TOKENIZER, paths.SHARDS, paths.SFT_TRAIN, paths.SFT_HELDOUT,
                paths.PREFS_TRAIN, paths.PREFS_HELDOUT, paths.MC_EVAL, paths.DATA_INFO}
     assert outs("tokenize") == {str(p) for p in written}
 
@@ -58,3 +58,8 @@ def test_top_level_metrics_and_plots():
     assert set(DVC["metrics"]) == {f"metrics/{s}/metrics.json" for s in ("pretrain", "sft", "dpo", "evaluate")}
     plots = [next(iter(p)) for p in DVC["plots"]]
     assert plots == [f"metrics/{s}/plots/metrics" for s in ("pretrain", "sft", "dpo")]
+
+
+def test_tokenize_depends_on_the_corpus_folder_and_it_is_committed():
+    assert "corpus" in DVC["stages"]["tokenize"]["deps"]
+    assert (ROOT / "corpus").is_dir() and any((ROOT / "corpus").iterdir())  # dvc needs the dep to exist

@@ -17,7 +17,7 @@ def digest(folder: Path) -> dict[str, str]:
 
 def test_repro_writes_every_output_and_metric(tiny_project):
     p = tiny_project
-    for name in ("tokenizer/tokenizer.json", "train.bin", "val.bin", "sft_train.jsonl", "sft_heldout.jsonl",
+    for name in ("tokenizer/tokenizer.json", "shards/train_000000.bin", "shards/val_000000.bin", "sft_train.jsonl", "sft_heldout.jsonl",
                  "prefs_train.jsonl", "prefs_heldout.jsonl", "mc_eval.jsonl", "info.json"):
         assert (p / "data" / name).exists(), name
     for stage in MODELS:

@@ -45,7 +45,7 @@ def test_tiny_run_learns_and_writes_a_loadable_checkpoint(tmp_path):
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=16))
     data = torch.tensor([[i % 8 for i in range(s, s + 9)] for s in range(8)])  # a cycle a→b→…→h→a
 
-    def next_batch():
+    def next_batch(step, micro):
         return data[:, :-1], data[:, 1:]
 
     def loss(m, batch):
@@ -100,7 +100,7 @@ def test_a_nan_loss_stops_training_before_the_update_and_writes_no_checkpoint(tm
         value = token_loss(m(batch[0]), batch[1])
         return (value * float("nan") if len(calls) == 3 else value), {}, batch[0].numel()
 
-    task = Task(lambda: (data[:, :-1], data[:, 1:]), loss, lambda m: {"val_loss": 0.0})
+    task = Task(lambda step, micro: (data[:, :-1], data[:, 1:]), loss, lambda m: {"val_loss": 0.0})
     cfg = TrainConfig(max_steps=10, micro_batch_size=2, tokens_per_step=16, lr=1.0e-3, min_lr=1.0e-4, warmup_steps=1)
     out = tmp_path / "ckpt"
     out.mkdir()

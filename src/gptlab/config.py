@@ -18,7 +18,10 @@ from pathlib import Path
 import yaml
 
 TOKENIZER_KINDS = ("bpe", "gpt2", "char")
-DATA_SOURCES = ("world",)
+SOURCE_KINDS = ("world", "hf", "files")
+# keys of a data.sources entry that only some kinds use (kind, weight, max_tokens: every kind)
+SOURCE_KEYS = {"val_share": ("hf", "files"), "path": ("hf",), "name": ("hf",), "split": ("hf",), "val_split": ("hf",),
+               "revision": ("hf",), "text_field": ("hf", "files"), "paths": ("files",), "separator": ("files",)}
 
 
 class GptlabError(ValueError):
@@ -57,22 +60,74 @@ class WorldConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """One entry of data.sources: where documents come from and how much of the mix they make up.
+
+    kind world: the embedded default; hf: a Hugging Face dataset, streamed; files: local .txt/.jsonl/.parquet.
+    Keys that belong to another kind are errors, so a misplaced key never goes silently unused."""
+
+    kind: str  # world | hf | files (required)
+    weight: float = 1.0  # relative share of documents drawn from this source
+    max_tokens: int = 0  # cap on the training tokens taken from this source (0 = no cap)
+    val_share: float = 0.0  # hf/files: share of documents held out for validation (picked by a seeded hash)
+    path: str = ""  # hf: the dataset, e.g. HuggingFaceFW/fineweb-edu
+    name: str = ""  # hf: the config, e.g. sample-10BT ("" = the dataset's default)
+    split: str = "train"  # hf: the split documents are streamed from
+    val_split: str = ""  # hf: a split to take validation documents from (instead of val_share)
+    revision: str = ""  # hf: the commit or tag to pin ("" = latest, and the log says it is unpinned)
+    text_field: str = "text"  # hf and .jsonl/.parquet files: the field that holds the document's text
+    paths: tuple[str, ...] = ()  # files: paths or globs, relative to the repository (e.g. corpus/*.txt)
+    separator: str = ""  # files, .txt: split each file into documents on this string ("" = one per file)
+
+    def check(self, where: str) -> None:
+        _require(self.kind in SOURCE_KINDS, f"{where}.kind", f"must be one of {SOURCE_KINDS}")
+        _require(self.weight > 0, f"{where}.weight", "must be positive (a source with no share would be empty)")
+        _require(self.max_tokens >= 0, f"{where}.max_tokens", "must be 0 (no cap) or positive")
+        _require(0.0 <= self.val_share < 1.0, f"{where}.val_share", "must lie in [0, 1)")
+        defaults = SourceConfig(kind=self.kind)
+        for key in SOURCE_KEYS:
+            if getattr(self, key) != getattr(defaults, key) and self.kind not in SOURCE_KEYS[key]:
+                raise ConfigError(f"{where}.{key}: only for kind {' or '.join(SOURCE_KEYS[key])}, not {self.kind}")
+        if self.kind == "hf":
+            _require(bool(self.path), f"{where}.path", "name the dataset, e.g. HuggingFaceFW/fineweb-edu")
+            _require(bool(self.split), f"{where}.split", "name the split to stream, e.g. train")
+            _require(bool(self.text_field), f"{where}.text_field", "name the field that holds the text")
+            _require(not (self.val_split and self.val_share), f"{where}.val_split",
+                     "give val_split or val_share, not both")
+        if self.kind == "files":
+            _require(bool(self.paths), f"{where}.paths", "list the files or globs, e.g. [corpus/*.txt]")
+            _require(bool(self.text_field), f"{where}.text_field", "name the field that holds the text")
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    source: str = "world"  # where documents come from; "world" is the embedded default
+    # where pretraining documents come from, mixed by weight; the world also makes the fine-tuning sets
+    sources: tuple[SourceConfig, ...] = (SourceConfig(kind="world", weight=1.0),)
+    max_tokens: int = 0  # cap on training tokens over all sources (0 = no cap)
+    val_tokens: int = 10_000_000  # cap on validation tokens over all sources (0 = no cap)
+    shard_tokens: int = 100_000_000  # tokens per shard file (the last of a split may hold fewer)
+    workers: int = 0  # tokenizer processes (0 = one per core); the shards are the same for any count
     world: WorldConfig = field(default_factory=WorldConfig)
 
     def check(self, where: str) -> None:
-        _require(self.source in DATA_SOURCES, f"{where}.source", f"must be one of {DATA_SOURCES}")
+        _require(len(self.sources) >= 1, f"{where}.sources", "list at least one source, e.g. [{kind: world, weight: 1.0}]")
+        for i, source in enumerate(self.sources):
+            source.check(f"{where}.sources[{i}]")
+        for key in ("max_tokens", "val_tokens", "workers"):
+            _require(getattr(self, key) >= 0, f"{where}.{key}", "must be 0 or more")
+        _require(self.shard_tokens >= 1024, f"{where}.shard_tokens", "must be at least 1024")
 
 
 @dataclass(frozen=True)
 class TokenizerConfig:
     kind: str = "bpe"  # bpe (trained on the corpus) | gpt2 (exact GPT-2 ids) | char
     vocab_size: int = 2048  # bpe only: target vocabulary incl. 256 byte tokens and <|endoftext|>
+    train_chars: int = 100_000_000  # bpe only: characters of the mixed training text it learns from, at most
 
     def check(self, where: str) -> None:
         _require(self.kind in TOKENIZER_KINDS, f"{where}.kind", f"must be one of {TOKENIZER_KINDS}")
         _require(self.vocab_size >= 258, f"{where}.vocab_size", "must be at least 258 (256 bytes + 1 merge + EOT)")
+        _require(self.train_chars >= 1, f"{where}.train_chars", "must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -262,6 +317,9 @@ def _build(cls, raw, where: str):
         raise ConfigError(f"{where or 'params'}: expected a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    for f in dataclasses.fields(cls):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in raw:
+            raise ConfigError(f"{where}.{f.name}: missing; this key has no default" if where else f"{f.name}: missing")
     for key in raw:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
@@ -306,7 +364,7 @@ def to_dict(obj) -> dict:
 
 
 __all__ = [
-    "GptlabError", "ConfigError", "WorldConfig", "DataConfig", "TokenizerConfig", "ModelConfig", "TrainConfig",
+    "GptlabError", "ConfigError", "WorldConfig", "SourceConfig", "DataConfig", "TokenizerConfig", "ModelConfig", "TrainConfig",
     "SFTConfig", "DPOConfig",
     "EvaluateConfig", "Params", "parse_params", "load_params", "to_dict",
 ]

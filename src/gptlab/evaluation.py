@@ -1,6 +1,6 @@
 """Measurements shared by the training stages' evals and the evaluate stage. All run under no_grad.
 
-- shard_loss: mean next-token loss on fixed windows of a token shard (val_loss; perplexity = exp).
+- shard_loss: mean next-token loss on fixed windows of token shards (val_loss; perplexity = exp).
 - examples_loss: mean loss on response tokens of prompt/response examples.
 - pair_logps: summed response log-probs of (chosen, rejected) pairs.
 - multiple_choice: HellaSwag-style acc (highest summed log-prob of the ending) and acc_norm (highest
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from gptlab.data.formats import Example, collate, format_prompt
+from gptlab.data.loader import Windows
 from gptlab.losses import IGNORE, sequence_logps, token_loss
 from gptlab.sampling import generate
 from gptlab.tokenizer import Tokenizer
@@ -22,29 +23,15 @@ def device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def eval_windows(n_tokens: int, block_size: int, n_windows: int) -> np.ndarray:
-    """Evenly spaced window starts over the shard, the same every call, so val_loss is comparable."""
-    last = n_tokens - block_size - 1
-    if last < 0:
-        raise ValueError(f"shard of {n_tokens} tokens is shorter than model.block_size+1={block_size + 1}")
-    return np.linspace(0, last, num=n_windows).astype(np.int64)
-
-
 @torch.no_grad()
-def shard_loss(model, tokens: np.ndarray, block_size: int, n_batches: int, micro_batch_size: int) -> float:
-    starts = eval_windows(len(tokens), block_size, n_batches * micro_batch_size)
+def shard_loss(model, windows: Windows, n_batches: int, micro_batch_size: int) -> float:
+    """Mean next-token loss over n_batches*micro_batch_size fixed, evenly spaced windows (see Windows.fixed)."""
+    starts = windows.fixed(n_batches * micro_batch_size)
     losses = []
     for i in range(0, len(starts), micro_batch_size):
-        idx, targets = windows(tokens, starts[i : i + micro_batch_size], block_size, device_of(model))
+        idx, targets = windows.batch(starts[i : i + micro_batch_size], device_of(model))
         losses.append(token_loss(model(idx), targets).item())
     return float(np.mean(losses))
-
-
-def windows(tokens: np.ndarray, starts, block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """idx (B, T) and targets (B, T) = the same windows shifted by one token."""
-    rows = np.stack([tokens[s : s + block_size + 1].astype(np.int64) for s in starts])
-    batch = torch.from_numpy(rows).to(device)
-    return batch[:, :-1], batch[:, 1:]
 
 
 @torch.no_grad()

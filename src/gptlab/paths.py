@@ -4,8 +4,7 @@ from pathlib import Path
 
 DATA = Path("data")
 TOKENIZER = DATA / "tokenizer"
-TRAIN_SHARD = DATA / "train.bin"
-VAL_SHARD = DATA / "val.bin"
+SHARDS = DATA / "shards"  # train_000000.bin ..., val_000000.bin ...: fixed-size token shards (data/shards.py)
 SFT_TRAIN = DATA / "sft_train.jsonl"
 SFT_HELDOUT = DATA / "sft_heldout.jsonl"
 PREFS_TRAIN = DATA / "prefs_train.jsonl"

@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -18,6 +19,7 @@ from accelerate.utils import set_seed
 from gptlab import paths
 from gptlab.checkpoint import load_checkpoint
 from gptlab.config import GptlabError, Params, load_params
+from gptlab.data.shards import Shard, read_shard, shard_paths
 from gptlab.launch import LAUNCHER_PID, error_marker
 from gptlab.tokenizer import Tokenizer, load_tokenizer
 from gptlab.train import say
@@ -115,10 +117,18 @@ def tokenizer_for(stage: str, expected_fingerprint: str) -> Tokenizer:
     return tok
 
 
-def require_same_tokenizer(stage: str, tok: Tokenizer, expected_fingerprint: str) -> None:
+def read_split(stage: str, split: str, tok: Tokenizer) -> list[Shard]:
+    """Every shard of a split, each checked (size, ids below the vocabulary) and made by this tokenizer."""
+    shards = [read_shard(path, tok.n_vocab) for path in shard_paths(paths.SHARDS, split)]
+    for shard in shards:
+        require_same_tokenizer(stage, tok, shard.fingerprint, shard.path)
+    return shards
+
+
+def require_same_tokenizer(stage: str, tok: Tokenizer, expected_fingerprint: str, made: Path | str = "the input") -> None:
     if tok.fingerprint != expected_fingerprint:
         raise GptlabError(
-            f"[{stage}] {paths.TOKENIZER} has fingerprint {tok.fingerprint} but the input was made with "
+            f"[{stage}] {paths.TOKENIZER} has fingerprint {tok.fingerprint} but {made} was made with "
             f"{expected_fingerprint}; rerun the pipeline from tokenize (dvc repro)"
         )
 

@@ -28,13 +28,14 @@ from gptlab.tokenizer import Tokenizer
 class Task:
     """What a stage plugs into the loop.
 
-    next_batch(): this process's next training micro-batch.
+    next_batch(step, micro): this process's micro-batch `micro` of optimizer step `step` (1-based): a pure
+        function of them (see data/loader.py), so a run's batches never depend on what came before.
     loss(model, batch) -> (loss, metrics, n_tokens): scalar loss to minimise, extra detached scalars to log
         (averaged over micro-batches and processes), tokens the micro-batch processed (for tok/s).
     evaluate(model) -> metrics: must include "val_loss"; runs under no_grad on the unwrapped model.
     """
 
-    next_batch: Callable[[], Any]
+    next_batch: Callable[[int, int], Any]
     loss: Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor], int]]
     evaluate: Callable[[torch.nn.Module], dict[str, float]]
 
@@ -145,7 +146,7 @@ def train(
             for micro in range(grad_accum):
                 sync = micro == grad_accum - 1
                 with nullcontext() if sync else accelerator.no_sync(wrapped):
-                    loss, extra, n_tokens = task.loss(wrapped, task.next_batch())
+                    loss, extra, n_tokens = task.loss(wrapped, task.next_batch(step, micro))
                     accelerator.backward(loss / grad_accum)
                 for k, v in {"loss": loss.detach(), **extra}.items():
                     sums[k] = sums.get(k, 0.0) + v.float() / grad_accum

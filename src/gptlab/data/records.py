@@ -11,7 +11,8 @@ from gptlab.config import GptlabError
 from gptlab.fileio import REGENERATE, check_fields, iter_jsonl
 
 # data/info.json, read with fileio.read_json(paths.DATA_INFO, INFO_FIELDS)
-INFO_FIELDS = {"entropy_floor": float, "longest_example": int, "n_tokens": dict, "tokenizer": dict}
+# (entropy_floor, a float, is there only when the world is the one pretraining source)
+INFO_FIELDS = {"longest_example": int, "n_tokens": dict, "tokenizer": dict}
 SFT_FIELDS = {"question": str, "response": str}  # sft_train.jsonl, sft_heldout.jsonl
 QUESTION_FIELDS = {"question": str, "answer": str, "candidates": list[str]}  # sft_heldout.jsonl, for scoring
 PREF_FIELDS = {"question": str, "chosen": str, "rejected": str}  # prefs_train.jsonl, prefs_heldout.jsonl

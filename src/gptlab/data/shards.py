@@ -4,6 +4,9 @@ size), then the ids.
 Documents are concatenated with the tokenizer's end-of-text id between them. Readers memory-map the ids, so
 a shard of any size costs no RAM and several processes share the page cache. Before mapping, the header is
 checked against the file's size, so a truncated shard or an edited dtype is an error, not garbage ids.
+
+shard_header is the one writer of the format (write_shard, write_shard_array and gptlab.data.tokenize's
+streaming writer use it); a split's shards in a folder are `{split}_{k:06d}.bin`, listed by shard_paths.
 """
 from __future__ import annotations
 
@@ -40,18 +43,42 @@ def shard_dtype(n_vocab: int) -> np.dtype:
 
 def write_shard(path: str | Path, docs: list[list[int]], eot_id: int, n_vocab: int, fingerprint: str) -> int:
     """Write `docs` joined by EOT (one EOT after each doc); returns the token count."""
-    dtype = shard_dtype(n_vocab)
     ids = np.fromiter((t for doc in docs for t in (*doc, eot_id)), dtype=np.int64)
+    return write_shard_array(path, ids, n_vocab, fingerprint)
+
+
+def write_shard_array(path: str | Path, ids: np.ndarray, n_vocab: int, fingerprint: str) -> int:
+    """Write the ids of a 1-D integer array as one shard (atomically); returns the token count."""
+    dtype = shard_dtype(n_vocab)
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+        raise ShardError(f"{path}: expected a 1-D array of integer ids, got {ids.dtype} of shape {ids.shape}")
     if ids.size and (ids.min() < 0 or ids.max() >= n_vocab):
         raise ShardError(f"{path}: token id out of range [0, {n_vocab}); the tokenizer and n_vocab disagree")
-    meta = {"dtype": dtype.name, "n_tokens": int(ids.size), "fingerprint": fingerprint, "n_vocab": n_vocab}
+    header = shard_header(path, int(ids.size), n_vocab, fingerprint)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(header)
+        f.write(ids.astype(dtype, copy=False).tobytes())
+    return int(ids.size)
+
+
+def shard_header(path: str | Path, n_tokens: int, n_vocab: int, fingerprint: str) -> bytes:
+    """The HEADER_BYTES that open a shard of `n_tokens` ids (the one place the format is written)."""
+    meta = {"dtype": shard_dtype(n_vocab).name, "n_tokens": n_tokens, "fingerprint": fingerprint, "n_vocab": n_vocab}
     header = json.dumps(meta).encode()
     if len(header) > HEADER_BYTES - len(MAGIC):
         raise ShardError(f"{path}: header too long")
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(MAGIC + header.ljust(HEADER_BYTES - len(MAGIC), b" "))
-        f.write(ids.astype(dtype).tobytes())
-    return int(ids.size)
+    return MAGIC + header.ljust(HEADER_BYTES - len(MAGIC), b" ")
+
+
+def shard_paths(directory: str | Path, split: str) -> list[Path]:
+    """The `{split}_{k:06d}.bin` shards in `directory`, in order; none at all is a ShardError."""
+    directory = Path(directory)
+    paths = sorted(p for p in directory.glob(f"{split}_*.bin") if p.stem.removeprefix(f"{split}_").isdigit())
+    if not paths:
+        what = "does not exist" if not directory.is_dir() else f"holds no {split}_*.bin shards"
+        raise ShardError(f"{directory}: {what}; run the tokenize stage (dvc repro tokenize) first")
+    return paths
 
 
 def read_shard(path: str | Path, n_vocab: int | None = None) -> Shard:
