@@ -14,7 +14,9 @@ from conftest import copy_project, sh
 from test_failures import edit_params
 
 pytestmark = pytest.mark.slow
-VERSE = "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
+# every letter and the punctuation of the world's questions and answers, so the char vocabulary covers them
+VERSE = ("ROMEO:\nBut soft, what light through yonder window breaks? It is the east, and Juliet is the sun!\n"
+         "The quick brown fox jumps over the lazy dog. THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG.\n")
 
 
 def write_corpus(project: Path) -> None:
@@ -53,14 +55,15 @@ def test_a_files_source_with_the_char_tokenizer_runs_the_dag_and_reruns_tokenize
 def test_a_parquet_and_jsonl_mix_gives_byte_identical_shards_twice(tmp_path):
     project = copy_project(tmp_path / "mix")
     corpus = project / "corpus"
-    pq.write_table(pa.table({"text": [f"parquet document {i} about apples." for i in range(300)]}),
+    pq.write_table(pa.table({"text": [f"parquet document {i} about apples." for i in range(600)]}),
                    corpus / "a.parquet")
     (corpus / "b.jsonl").write_text("".join(json.dumps({"text": f"jsonl document {i} about pears."}) + "\n"
-                                            for i in range(300)))
+                                            for i in range(600)))
     edit_params(project, {"data": {"sources": [
-        {"kind": "files", "paths": ["corpus/a.parquet"], "val_share": 0.1, "weight": 0.7},
-        {"kind": "files", "paths": ["corpus/b.jsonl"], "val_share": 0.1, "weight": 0.3}],
-        "max_tokens": 1500, "workers": 2}})  # the budget ends the mix early: the weights show in what it took
+        {"kind": "files", "paths": ["corpus/a.parquet"], "val_share": 0.3, "weight": 0.7},
+        {"kind": "files", "paths": ["corpus/b.jsonl"], "val_share": 0.3, "weight": 0.3}],
+        "max_tokens": 3000, "workers": 2},  # the budget ends the mix early: the weights show in what it took
+        "model": {"block_size": 256}})  # a bpe learnt on these documents alone spells the world's answers out
     env_run = "gptlab run check && gptlab run tokenize"
     sh(env_run, project)
     first = digest(project / "data" / "shards")

@@ -26,7 +26,8 @@ except ImportError:  # written by another change; the same minimal shape
         text: str
 
 
-WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly boxes".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards",
+         "quietly", "hex", "jolly", "boxes"]
 
 
 def texts(n: int, seed: int = 0) -> list[str]:

@@ -42,9 +42,10 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -413,7 +414,7 @@ class _SplitWriter:
         while pos < len(ids):
             if self.file is None:
                 self.path = self.folder / f"{self.split}_{self.n_shards:06d}.bin"
-                self.file = open(self.path, "xb")
+                self.file = open(self.path, "xb")  # noqa: SIM115 - stays open across write() calls
                 self.file.write(b"\0" * HEADER_BYTES)  # placeholder: no magic until the shard is complete
                 self.in_shard = 0
             take = min(len(ids) - pos, self.shard_tokens - self.in_shard)
