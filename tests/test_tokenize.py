@@ -261,8 +261,8 @@ def test_a_generator_that_honours_stop_ends_an_endless_stream(tmp_path, tok_dirs
                          budgets=Budgets(per_source=(500,), val=100), stop=stop)
     assert stop == {(0, "train"), (0, "val")}
     assert 500 <= stats["train"]["n_tokens"] < 540 and 100 <= stats["val"]["n_tokens"] < 140  # docs of < 40 tokens
-    # read-ahead is bounded: at most IN_FLIGHT chunks of documents past the caps were read
-    assert len(read) <= stats["train"]["n_docs"] + stats["val"]["n_docs"] + 3 * 7
+    # read-ahead is bounded: past each of the two caps, at most IN_FLIGHT chunks of documents were read
+    assert len(read) <= stats["train"]["n_docs"] + stats["val"]["n_docs"] + 2 * 3 * 7
 
 
 # --- a killed run -----------------------------------------------------------------------------------------

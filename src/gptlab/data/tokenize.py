@@ -89,7 +89,8 @@ def write_shards(docs: Iterable[Document], tokenizer_dir: Path, out_dir: Path, *
         raise ValueError(f"workers must be 0 (one per core) or more, got {workers}")
     if min((budgets.total, budgets.val, *budgets.per_source)) < 0:
         raise ValueError(f"budgets must be 0 (no cap) or positive, got {budgets}")
-    workers = workers or os.cpu_count() or 1
+    if not workers:  # one per core this process may run on (os.cpu_count() counts cores it may not use)
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     out_dir = Path(os.path.abspath(out_dir))  # "." has no name to build the siblings' from
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _recover(out_dir)
