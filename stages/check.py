@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gptlab import paths
+from gptlab.config import preset_choices, preset_path
 from gptlab.data.records import INFO_FIELDS
 from gptlab.data.sources import check_sources
 from gptlab.data.world import check_world
@@ -38,6 +39,10 @@ def main() -> None:
         if info.get("made_with") == data_params(params):  # else tokenize reruns and pretrain checks then
             check_context(T, info)
             checked += f", model.block_size against {paths.DATA_INFO}"
+    if params.preset:
+        taken, kept = preset_choices()
+        say(accelerator, f"[check] preset {params.preset}: {len(taken)} value(s) from {preset_path(params.preset)}"
+            + (f"; params.yaml's own values win for {', '.join(f'{k}={v}' for k, v in kept.items())}" if kept else ""))
     if accelerator.is_main_process:
         atomic_write_text(paths.PARAMS_CHECKED, PASSED)
     say(accelerator, f"[check] ok: {checked}, batch geometry for {n} process(es)")

@@ -15,8 +15,8 @@ from gptlab.data.loader import Slicer, StepCache, step_rows
 from gptlab.data.records import read_prefs
 from gptlab.evaluation import batch_pair_logps, pair_logps
 from gptlab.losses import dpo_loss
-from gptlab.stage import announce, inherit, run, stage_meta, start
-from gptlab.train import Task, open_live, train
+from gptlab.stage import announce, inherit, run, stage_inputs, stage_meta, start
+from gptlab.train import Task, train
 
 
 def reward_metrics(policy_chosen, policy_rejected, chosen_rewards, rejected_rewards) -> dict[str, torch.Tensor]:
@@ -73,8 +73,8 @@ def main() -> None:
         return {"val_loss": value.item(), "val_rewards/accuracies": (cr > rj).float().mean().item()}
 
     meta = stage_meta("dpo", params, ("dpo",), parent="sft")
-    live = open_live(paths.metrics_dir("dpo"), accelerator)
-    train(policy, Task(next_batch, loss, evaluate), cfg, grad_accum, accelerator, live, paths.checkpoint_dir("dpo"), meta, tok)
+    train(policy, Task(next_batch, loss, evaluate), cfg, grad_accum, accelerator, "dpo", meta, tok,
+          stage_inputs(parent_meta, paths.PREFS_TRAIN, paths.PREFS_HELDOUT))
 
 
 if __name__ == "__main__":

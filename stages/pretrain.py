@@ -5,14 +5,15 @@ from dataclasses import asdict
 
 from gptlab import paths
 from gptlab.data.loader import Slicer, StepCache, Windows, step_windows
-from gptlab.data.records import INFO_FIELDS
-from gptlab.evaluation import shard_loss
+from gptlab.data.records import INFO_FIELDS, read_mc
+from gptlab.evaluation import multiple_choice, shard_loss
 from gptlab.fileio import read_json
 from gptlab.losses import token_loss
 from gptlab.model import GPT, GPTConfig
+from gptlab.resume import file_sha256
 from gptlab.stage import announce, check_context, read_split, run, stage_meta, start
 from gptlab.tokenizer import load_tokenizer, padded_vocab_size
-from gptlab.train import Task, open_live, train
+from gptlab.train import Task, train
 
 
 def main() -> None:
@@ -22,6 +23,9 @@ def main() -> None:
     train_windows = Windows(read_split("pretrain", "train", tok), T)
     val_windows = Windows(read_split("pretrain", "val", tok), T)
     check_context(T, read_json(paths.DATA_INFO, INFO_FIELDS))  # sft and dpo inherit T: fail now, not after
+    # as many endings as the val loss reads windows, so each evaluation costs about twice the val loss alone
+    items = read_mc(paths.MC_EVAL)
+    mc_items = items[: max(1, cfg.eval_batches * cfg.micro_batch_size // len(items[0]["endings"]))]
     grad_accum = cfg.grad_accum_steps(T, accelerator.num_processes, "pretrain")
     model = GPT(GPTConfig(**asdict(params.model), vocab_size=padded_vocab_size(tok.n_vocab)))
     slicer = Slicer(cfg.micro_batch_size, grad_accum, accelerator.process_index, accelerator.num_processes)
@@ -43,12 +47,13 @@ def main() -> None:
         idx, targets = batch
         return token_loss(m(idx), targets), {}, idx.numel()
 
-    def evaluate(m):
-        return {"val_loss": shard_loss(m, val_windows, cfg.eval_batches, cfg.micro_batch_size)}
+    def evaluate(m):  # val loss, and HellaSwag-style multiple choice (acc, acc_norm) as pretraining goes
+        return {"val_loss": shard_loss(m, val_windows, cfg.eval_batches, cfg.micro_batch_size),
+                **multiple_choice(m, tok, mc_items, cfg.micro_batch_size)}
 
     meta = stage_meta("pretrain", params, ("data", "tokenizer", "model", "pretrain"), parent=None)
-    live = open_live(paths.metrics_dir("pretrain"), accelerator)
-    train(model, Task(next_batch, loss, evaluate), cfg, grad_accum, accelerator, live, paths.checkpoint_dir("pretrain"), meta, tok)
+    inputs = {"tokenizer": tok.fingerprint, str(paths.DATA_INFO): file_sha256(paths.DATA_INFO)}  # info.json describes the shards
+    train(model, Task(next_batch, loss, evaluate), cfg, grad_accum, accelerator, "pretrain", meta, tok, inputs)
 
 
 if __name__ == "__main__":

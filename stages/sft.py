@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from gptlab import paths
 from gptlab.data.formats import collate, encode_examples
-from gptlab.data.loader import Slicer, StepCache, step_rows
+from gptlab.data.loader import Slicer, StepCache, step_rows, to_device
 from gptlab.data.records import read_sft
 from gptlab.evaluation import examples_loss
 from gptlab.losses import token_loss
-from gptlab.stage import announce, inherit, run, stage_meta, start
-from gptlab.train import Task, open_live, train
+from gptlab.stage import announce, inherit, run, stage_inputs, stage_meta, start
+from gptlab.train import Task, train
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     def next_batch(step, micro):
         chosen = slicer.take(step_batch(step), micro)
         idx, targets = collate([examples[i] for i in chosen], tok.eot_id)
-        return idx.to(accelerator.device), targets.to(accelerator.device)
+        return to_device(idx, accelerator.device), to_device(targets, accelerator.device)
 
     def loss(m, batch):
         idx, targets = batch
@@ -43,8 +43,8 @@ def main() -> None:
         return {"val_loss": examples_loss(m, heldout, cfg.micro_batch_size, tok.eot_id)}
 
     meta = stage_meta("sft", params, ("sft",), parent="pretrain")
-    live = open_live(paths.metrics_dir("sft"), accelerator)
-    train(model, Task(next_batch, loss, evaluate), cfg, grad_accum, accelerator, live, paths.checkpoint_dir("sft"), meta, tok)
+    train(model, Task(next_batch, loss, evaluate), cfg, grad_accum, accelerator, "sft", meta, tok,
+          stage_inputs(parent_meta, paths.SFT_TRAIN, paths.SFT_HELDOUT))
 
 
 if __name__ == "__main__":

@@ -48,8 +48,11 @@ def test_training_stages_cache_checkpoints_and_keep_metrics_in_git():
 
 def test_params_sections_so_exp_run_reruns_only_downstream():
     params = {name: set(stage["params"]) for name, stage in DVC["stages"].items() if name != "check"}
-    assert params["tokenize"] == {"seed", "data", "tokenizer"}
-    assert params["pretrain"] == {"seed", "model", "pretrain"}
+    assert params["tokenize"] == {"seed", "preset", "data", "tokenizer"}
+    assert params["pretrain"] == {"seed", "preset", "model", "pretrain"}
+    # a preset's file is a params file too: every stage that reads params depends on it
+    assert all("preset" in p for p in params.values())
+    assert all("configs/presets" in DVC["stages"][name]["deps"] for name in params)
     assert "sft" not in params["pretrain"] | params["tokenize"]
     assert {"evaluate", "dpo.beta"} <= params["evaluate"]
 

@@ -39,7 +39,8 @@ def test_log_line_is_compact():
     assert line == "step 120 | loss 2.3141 | lr 3.0e-04 | 18.2k tok/s | 41 ms"
 
 
-def test_tiny_run_learns_and_writes_a_loadable_checkpoint(tmp_path):
+def test_tiny_run_learns_and_writes_a_loadable_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # train() writes checkpoints/<stage> and metrics/<stage> under the project root
     torch.manual_seed(0)
     tok = train_tokenizer(TokenizerConfig(kind="char"), ["abcdefgh"])
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=16))
@@ -58,8 +59,9 @@ def test_tiny_run_learns_and_writes_a_loadable_checkpoint(tmp_path):
     cfg = TrainConfig(max_steps=40, micro_batch_size=8, tokens_per_step=128, lr=1.0e-2, min_lr=1.0e-3,
                       warmup_steps=5, eval_interval=20, log_interval=10)
     start = evaluate(model)["val_loss"]
-    out = tmp_path / "ckpt"
-    final = train(model, Task(next_batch, loss, evaluate), cfg, 2, Accelerator(cpu=True), None, out, {"stage": "t"}, tok)
+    out = tmp_path / "checkpoints" / "t"
+    final = train(model, Task(next_batch, loss, evaluate), cfg, 2, Accelerator(cpu=True), "t", {"stage": "t", "params": {}},
+                  tok, {})
     assert start > math.log(16) - 0.5 and final["val_loss"] < 0.2  # it learnt the cycle
     meta = read_meta(out)
     assert meta["step"] == 40 and meta["model"]["n_embd"] == 32 and meta["tokenizer"]["kind"] == "char"
@@ -84,7 +86,7 @@ def test_checkpoint_mismatch_is_an_error(tmp_path):
         read_meta(tmp_path / "nothing")
 
 
-def test_a_nan_loss_stops_training_before_the_update_and_writes_no_checkpoint(tmp_path):
+def test_a_nan_loss_stops_training_before_the_update_and_writes_no_checkpoint(tmp_path, monkeypatch):
     """A non-finite loss is an error naming the step and the fix; the folder keeps what it held."""
     from gptlab.config import GptlabError
 
@@ -102,11 +104,12 @@ def test_a_nan_loss_stops_training_before_the_update_and_writes_no_checkpoint(tm
 
     task = Task(lambda step, micro: (data[:, :-1], data[:, 1:]), loss, lambda m: {"val_loss": 0.0})
     cfg = TrainConfig(max_steps=10, micro_batch_size=2, tokens_per_step=16, lr=1.0e-3, min_lr=1.0e-4, warmup_steps=1)
-    out = tmp_path / "ckpt"
-    out.mkdir()
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "checkpoints" / "pretrain"
+    out.mkdir(parents=True)
     (out / "keep.txt").write_text("old")
     with pytest.raises(GptlabError, match=r"\[pretrain\] step 3: the training loss is nan; lower pretrain\.lr"):
-        train(model, task, cfg, 1, Accelerator(cpu=True), None, out, {"stage": "pretrain"}, tok)
+        train(model, task, cfg, 1, Accelerator(cpu=True), "pretrain", {"stage": "pretrain", "params": {}}, tok, {})
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and all(torch.isfinite(v).all() for v in model.state_dict().values())  # 2 good steps, no NaN

@@ -35,7 +35,7 @@ import safetensors.torch
 import torch
 
 from gptlab.config import GptlabError
-from gptlab.fileio import check_fields, read_json
+from gptlab.fileio import check_fields, fsync, read_json
 from gptlab.model import GPT, GPTConfig
 from gptlab.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
@@ -57,14 +57,17 @@ class CheckpointError(GptlabError):
 
 # --- saving ---------------------------------------------------------------------------------------------
 
-def save_checkpoint(directory: str | Path, model: GPT, meta: dict, tok: Tokenizer) -> None:
+def save_checkpoint(directory: str | Path, model: GPT, meta: dict, tok: Tokenizer,
+                    weights: dict[str, torch.Tensor] | None = None) -> None:
     """Replace `directory` with a checkpoint of `model` + `meta` + `tok`, atomically (see the module doc).
 
     meta.json is `meta` plus "model" (the GPTConfig), "tokenizer" (tok.describe()) and "weights" (bytes and
-    SHA-256 of model.safetensors). Anything else in an existing `directory` is replaced with it.
+    SHA-256 of model.safetensors). Anything else in an existing `directory` is replaced with it. `weights`:
+    the model's full state dict when `model` holds only a shard of it (FSDP; see gptlab.resume.full_state).
     """
     directory = Path(os.path.abspath(directory))  # "." has no name to build the temp folder's from
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED}
+    source = model.state_dict() if weights is None else weights
+    state = {k: v.detach().contiguous().cpu() for k, v in source.items() if k != TIED}
     weights = safetensors.torch.save(state, metadata={"format": "pt"})
     record = {**meta, "tokenizer": tok.describe(), "model": dataclasses.asdict(model.config),
               "weights": {"bytes": len(weights), "sha256": hashlib.sha256(weights).hexdigest()}}
@@ -75,7 +78,7 @@ def save_checkpoint(directory: str | Path, model: GPT, meta: dict, tok: Tokenize
     try:
         _write_folder(staging, weights, meta_text, tok)
         old = _swap_in(staging, directory)
-        _fsync(directory.parent)  # the new name is on disk before the old copy goes
+        fsync(directory.parent)  # the new name is on disk before the old copy goes
         _step()
         if old is not None:
             _discard(old)
@@ -91,12 +94,12 @@ def _write_folder(folder: Path, weights: bytes, meta_text: str, tok: Tokenizer) 
     _step()
     for root, _, files in os.walk(folder / TOKENIZER_DIR):
         for name in files:
-            _fsync(Path(root, name))
-        _fsync(Path(root))
+            fsync(Path(root, name))
+        fsync(Path(root))
     _step()
     _write_new(folder / WEIGHTS_FILE, weights)
     _write_new(folder / META_FILE, meta_text.encode())  # last, so a folder with meta.json is complete
-    _fsync(folder)
+    fsync(folder)
     _step()
 
 
@@ -155,14 +158,6 @@ def _renameat2() -> Callable[..., int] | None:
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     fn.restype = ctypes.c_int
     return fn
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)  # a folder too: that makes the names in it durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _step() -> None:
@@ -230,7 +225,7 @@ def _put_back(old: Path, directory: Path) -> None:
         if not os.path.lexists(directory):  # else another process (a rank loading it too) was first
             raise
     _step()
-    _fsync(directory.parent)
+    fsync(directory.parent)
     _step()
 
 

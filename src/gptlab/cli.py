@@ -2,6 +2,8 @@
 
     gptlab generate CHECKPOINT --prompt TEXT [--max_tokens 200] [--temperature 0.8] [--top_k 50] [--top_p 0.9]
     gptlab run STAGE [accelerate launch options]     (how dvc.yaml starts each stage; see gptlab.launch)
+    gptlab plan [--preset NAME] [--gpus 1] [--peak_tflops 989] [--mfu 0.4] [--micro_batch_size B] [--json]
+                                                     (what pretraining will cost; see gptlab.plan)
 
 temperature 0 is greedy. --question wraps the text in the sft prompt template ("Question: ...\\nAnswer:").
 Bad input (an option out of range, a damaged checkpoint, a prompt the tokenizer cannot encode) ends with one
@@ -80,7 +82,36 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", add_help=False,
                        help="run a pipeline stage as dvc.yaml does: STAGE [accelerate launch options]")
     r.add_argument("launch_args", nargs=argparse.REMAINDER)  # gptlab.launch parses them, accelerate's too
+    add_plan_parser(sub)
     return p
+
+
+def add_plan_parser(sub) -> None:
+    from gptlab.plan import DEFAULT_GPUS, DEFAULT_MFU, DEFAULT_PEAK_TFLOPS  # light: no torch at import
+
+    pl = sub.add_parser("plan", help="parameters, FLOPs, memory and time of the pretraining run, before it runs")
+    pl.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+    pl.add_argument("--preset", default=None, help="a preset of configs/presets/ (default: the one params names)")
+    pl.add_argument("--gpus", type=int, default=DEFAULT_GPUS, help=f"data-parallel GPUs (default {DEFAULT_GPUS})")
+    pl.add_argument("--peak_tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
+                    help=f"peak dense bf16 TFLOP/s per GPU (default {DEFAULT_PEAK_TFLOPS:g}, H100 SXM)")
+    pl.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+                    help=f"model FLOPs utilisation in (0, 1] (default {DEFAULT_MFU})")
+    pl.add_argument("--micro_batch_size", type=int, default=None,
+                    help="sequences per forward pass per GPU (default: pretrain.micro_batch_size)")
+    pl.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+
+
+def plan_text(args: argparse.Namespace) -> str:
+    import json
+
+    from gptlab.config import load_params
+    from gptlab.plan import check_assumptions, format_plan, plan
+
+    check_assumptions(args.gpus, args.peak_tflops, args.mfu, args.micro_batch_size)  # before params load
+    result = plan(load_params(args.params, args.preset), args.gpus, args.peak_tflops, args.mfu,
+                  args.micro_batch_size)
+    return json.dumps(result, indent=2) if args.json else format_plan(result)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_stage(args.launch_args)
     try:
+        if args.command == "plan":
+            print(plan_text(args))
+            return 0
         check_options(args)
         print(generate_text(args.checkpoint, args.prompt, args.max_tokens, args.temperature, args.top_k,
                             args.top_p, args.seed, args.question))

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+PRESETS = Path("configs") / "presets"  # named partial params files, relative to the project root
+
 TOKENIZER_KINDS = ("bpe", "gpt2", "char")
 SOURCE_KINDS = ("world", "hf", "files")
 # keys of a data.sources entry that only some kinds use (kind, weight, max_tokens: every kind)
@@ -169,9 +171,13 @@ class TrainConfig:
     eval_interval: int = 250  # evaluate every N steps (and at the last step)
     eval_batches: int = 4  # micro-batches per evaluation
     log_interval: int = 25  # one log line and one dvclive step every N steps
+    save_interval: int = 250  # steps between resume states (also saved on SIGTERM/SIGINT); 0 = only then
+    keep_saves: int = 2  # resume states kept (the newest ones)
+    compile: bool = False  # torch.compile the model: slower start, faster steps on a GPU
 
     def check(self, where: str) -> None:
-        for key in ("max_steps", "micro_batch_size", "tokens_per_step", "eval_interval", "eval_batches", "log_interval"):
+        for key in ("max_steps", "micro_batch_size", "tokens_per_step", "eval_interval", "eval_batches", "log_interval",
+                    "keep_saves"):
             _require(getattr(self, key) >= 1, f"{where}.{key}", "must be at least 1")
         _require(self.lr > 0, f"{where}.lr", "must be positive")
         _require(
@@ -188,6 +194,7 @@ class TrainConfig:
         for key in ("beta1", "beta2"):
             _require(0 <= getattr(self, key) < 1, f"{where}.{key}", "must lie in [0, 1)")
         _require(self.grad_clip >= 0, f"{where}.grad_clip", "must be 0 (off) or positive")
+        _require(self.save_interval >= 0, f"{where}.save_interval", "must be 0 (save on SIGTERM/SIGINT only) or more")
 
     def grad_accum_steps(self, block_size: int, world_size: int, where: str) -> int:
         """tokens_per_step / (micro_batch_size * block_size * world_size), which must divide exactly."""
@@ -212,6 +219,7 @@ class SFTConfig(TrainConfig):
     warmup_steps: int = 10
     eval_interval: int = 125
     log_interval: int = 10
+    save_interval: int = 125
 
 
 @dataclass(frozen=True)
@@ -225,6 +233,7 @@ class DPOConfig(TrainConfig):
     warmup_steps: int = 10
     eval_interval: int = 25
     log_interval: int = 5
+    save_interval: int = 25
     beta: float = 0.1  # DPO temperature: how far the policy may move from the reference
 
     def check(self, where: str) -> None:
@@ -256,6 +265,7 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class Params:
     seed: int = 1337  # one seed for the world, initialisation and data order
+    preset: str = ""  # a file of configs/presets/ merged under this file ("" = none); see load_params
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -337,18 +347,96 @@ def parse_params(raw: dict) -> Params:
     return _build(Params, raw, "")
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path = "params.yaml", preset: str | None = None) -> Params:
+    """params.yaml, with the preset it names (or `preset`, which replaces that name) merged under it.
+
+    A preset (configs/presets/<name>.yaml, a partial params file) changes defaults: each key it sets takes
+    the preset's value unless params.yaml gives that key a value other than the documented default (an edit,
+    or `dvc exp run -S`), which wins. See `preset_choices` for which value came from where."""
     path = Path(path)
+    raw = _read_mapping(path, "run from the project root or pass the path to params.yaml")
+    mine = _parse_file(raw, str(path))
+    name = mine.preset if preset is None else preset
+    if not name:
+        return mine
+    merged, _ = _merge_preset(raw, mine, name)
+    return _parse_file(merged, f"{path} with {preset_path(name)}")
+
+
+def preset_path(name: str) -> Path:
+    return PRESETS / f"{name}.yaml"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def preset_choices(path: str | Path = "params.yaml", preset: str | None = None) -> tuple[dict, dict]:
+    """({key: value} the preset set, {key: value} params.yaml kept over the preset), keys dotted."""
+    raw = _read_mapping(Path(path), "run from the project root")
+    mine = _parse_file(raw, str(path))
+    name = mine.preset if preset is None else preset
+    if not name:
+        return {}, {}
+    return _merge_preset(raw, mine, name)[1]
+
+
+def _merge_preset(raw: dict, mine: Params, name: str) -> tuple[dict, tuple[dict, dict]]:
+    source = preset_path(name)
+    if not source.is_file():
+        known = ", ".join(preset_names()) or "none"
+        raise ConfigError(f"preset: no preset named {name!r} ({source} not found); presets here: {known}")
+    overlay = _read_mapping(source, f"fix {source}")
+    if "preset" in overlay:
+        raise ConfigError(f"{source}: preset: a preset cannot name another preset; remove the key")
+    taken: dict = {}
+    kept: dict = {}
+    merged = _overlay(overlay, raw, mine, Params(), "", taken, kept, source)
+    merged["preset"] = name
+    return merged, (taken, kept)
+
+
+def _overlay(overlay: dict, raw, mine, default, where: str, taken: dict, kept: dict, source: Path) -> dict:
+    """raw with each of overlay's keys whose params.yaml value is still the default replaced by the preset's."""
+    result = dict(raw or {})
+    fields = {f.name: f for f in dataclasses.fields(type(default))}
+    for key, value in overlay.items():
+        full = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{source}: {full}: unknown key{hint}")
+        section = getattr(default, key)
+        if dataclasses.is_dataclass(section) and isinstance(value, dict):
+            inner = result.get(key) if isinstance(result.get(key), dict) else {}
+            result[key] = _overlay(value, inner, getattr(mine, key), section, full, taken, kept, source)
+        elif getattr(mine, key) == section:
+            result[key] = value
+            taken[full] = value
+        else:
+            kept[full] = getattr(mine, key)
+    return result
+
+
+def _read_mapping(path: Path, fix: str) -> dict:
     if not path.exists():
-        raise ConfigError(f"{path}: not found; run from the project root or pass the path to params.yaml")
+        raise ConfigError(f"{path}: not found; {fix}")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)}); fix the syntax there") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _parse_file(raw: dict, where: str) -> Params:
     try:
         return parse_params(raw)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:

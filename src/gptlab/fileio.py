@@ -37,6 +37,15 @@ def atomic_path(path: str | Path):
             tmp.unlink()
 
 
+def fsync(path: str | Path) -> None:
+    """Flush a file or a folder to disk; a folder's fsync makes the names in it (renames) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

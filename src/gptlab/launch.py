@@ -8,12 +8,18 @@ parser and launchers (one process, gloo ranks, many GPUs alike), with what a use
 - Ctrl-C stops every process within seconds and prints one line;
 - under `dvc repro`, when the dvc process dies (kill -9), the stage stops instead of training on as an
   orphan beside the next run (each rank also dies with its launcher: see `gptlab.stage.run`).
+
+Launch settings reach the stages that dvc.yaml starts through GPTLAB_LAUNCH_OPTIONS (e.g.
+`--config_file configs/accelerate/8gpu.yaml`); options given on the command line come after them and win.
+Several machines under SLURM: the node that runs `dvc repro` starts one `gptlab run` per node with srun,
+and each of those adds its node's rank and the rendezvous address from SLURM's variables (slurm_fanout).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -28,6 +34,10 @@ DEFAULT_CONFIG = "accelerate.yaml"
 LAUNCHER_PID = "GPTLAB_LAUNCHER_PID"  # tells the ranks `gptlab run` started them: it prints the Ctrl-C line
 SHELLS = {"sh", "dash", "bash", "zsh", "fish", "ksh"}
 POLL_SECONDS = 0.5
+LAUNCH_OPTIONS = "GPTLAB_LAUNCH_OPTIONS"  # accelerate launch options for every stage dvc.yaml starts
+NODE_LAUNCH = "GPTLAB_NODE_LAUNCH"  # set in the per-node `gptlab run` that srun starts on each machine
+DEFAULT_PORT = "29500"
+STOP_GRACE_SECONDS = 120  # how long an interrupted launcher waits for its ranks to save their state
 
 
 def error_marker(launcher_pid: int | str) -> Path:
@@ -101,6 +111,21 @@ def _watch(anchor: tuple[int, str], stage: str) -> None:
             os._exit(1)
 
 
+def _wait_for_ranks(seconds: float) -> None:
+    """Reap this launcher's child processes, for up to `seconds`: a rank that got the Ctrl-C finishes its
+    step and saves its resume state, and it dies (parent-death signal) if the launcher exits first."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return  # no children left
+        except KeyboardInterrupt:
+            return  # a second Ctrl-C: stop waiting
+        if pid == 0:
+            time.sleep(0.05)
+
+
 def _quiet_torch_elastic() -> None:
     """torch.distributed's launcher logs a failure report per rank; the ranks' own `error:` line says it all."""
     for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
@@ -116,6 +141,66 @@ def _exit_code(exc: BaseException) -> int:
     return getattr(exc, "returncode", 1) or 1
 
 
+def machines(args) -> int:
+    """The machine count the launch asks for: the option, else the config file's, else 1."""
+    if args.num_machines:
+        return int(args.num_machines)
+    raw = yaml.safe_load(Path(args.config_file).read_text()) or {}
+    return int(raw.get("num_machines") or 1)
+
+
+def slurm_fanout(stage: str, options: list[str], n_machines: int) -> int | None:
+    """In a SLURM allocation of several nodes, on the node running dvc: start `gptlab run` on every node
+    with srun (each becomes one machine of the launch) and return srun's exit code. None when not needed."""
+    if n_machines <= 1 or os.environ.get(NODE_LAUNCH) or "SLURM_JOB_ID" not in os.environ:
+        return None
+    nodes = int(os.environ.get("SLURM_NNODES", "1"))
+    if nodes != n_machines:
+        print(f"error: [{stage}] the launch asks for num_machines={n_machines} but this SLURM allocation has "
+              f"{nodes} node(s); set num_machines to {nodes} (or allocate {n_machines} nodes)", file=sys.stderr)
+        return 2
+    cmd = ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+           sys.executable, "-m", "gptlab.cli", "run", stage, *options]
+    env = {**os.environ, NODE_LAUNCH: "1", LAUNCH_OPTIONS: ""}  # the options travel on the command line
+    try:
+        return subprocess.call(cmd, env=env, preexec_fn=_die_with_parent)
+    except FileNotFoundError:
+        print(f"error: [{stage}] num_machines={n_machines} under SLURM needs srun on PATH", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # srun passed the Ctrl-C on to every node; they save their resume state
+        _wait_for_ranks(STOP_GRACE_SECONDS)
+        print(f"error: [{stage}] interrupted; run it again to continue", file=sys.stderr, flush=True)
+        return 130
+
+
+def node_options(env: dict) -> list[str]:
+    """In a per-node `gptlab run` started by slurm_fanout: this machine's rank, the machine count and the
+    rendezvous address (MASTER_ADDR/MASTER_PORT if set, else the allocation's first host and port 29500)."""
+    if not env.get(NODE_LAUNCH):
+        return []
+    host = env.get("MASTER_ADDR") or _first_host(env.get("SLURM_JOB_NODELIST", "localhost"))
+    return ["--machine_rank", env.get("SLURM_NODEID", "0"), "--num_machines", env.get("SLURM_NNODES", "1"),
+            "--main_process_ip", host, "--main_process_port", env.get("MASTER_PORT", DEFAULT_PORT)]
+
+
+def _first_host(nodelist: str) -> str:
+    """SLURM's compressed node list (node[01-04]) expanded by scontrol; its first host runs rank 0."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodelist.split(",")[0]
+
+
+def _die_with_parent() -> None:
+    """srun stops the job step on every node when `gptlab run` (and so dvc) is gone."""
+    import ctypes
+    import signal
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def run_stage(stage: str, options: list[str]) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -123,9 +208,12 @@ def run_stage(stage: str, options: list[str]) -> int:
 
     args = launch_command_parser().parse_args(launch_argv(stage, options))
     check_config(Path(args.config_file))
+    fanned = slurm_fanout(stage, options, machines(args))
+    if fanned is not None:
+        return fanned
     os.environ[LAUNCHER_PID] = str(os.getpid())  # inherited by every rank
     _quiet_torch_elastic()
-    anchor = _dvc_process()
+    anchor = None if os.environ.get(NODE_LAUNCH) else _dvc_process()  # other nodes have no dvc to watch
     if anchor is not None:
         threading.Thread(target=_watch, args=(anchor, stage), daemon=True).start()
     try:
@@ -136,7 +224,9 @@ def run_stage(stage: str, options: list[str]) -> int:
     except (subprocess.CalledProcessError, ChildFailedError) as e:
         return _exit_code(e)  # the stage has printed why
     except (KeyboardInterrupt, SignalException):
-        print(f"error: [{stage}] interrupted; the stage stopped and wrote no new outputs", file=sys.stderr, flush=True)
+        _wait_for_ranks(STOP_GRACE_SECONDS)  # they are saving a resume state: returning would kill them
+        print(f"error: [{stage}] interrupted; run it again to continue (a training stage resumes from its "
+              f"last saved state)", file=sys.stderr, flush=True)
         return 130
     finally:
         error_marker(os.getpid()).unlink(missing_ok=True)
@@ -148,7 +238,8 @@ def main(argv: list[str]) -> int:
         print(f"error: gptlab run: name a stage ({', '.join(STAGES)}), then any `accelerate launch` options",
               file=sys.stderr)
         return 2
-    return run_stage(argv[0], argv[1:])
+    options = [*shlex.split(os.environ.get(LAUNCH_OPTIONS, "")), *argv[1:], *node_options(dict(os.environ))]
+    return run_stage(argv[0], options)
 
 
 if __name__ == "__main__":

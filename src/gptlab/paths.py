@@ -14,12 +14,17 @@ DATA_INFO = DATA / "info.json"  # corpus statistics, incl. the entropy floor in 
 PARAMS_CHECKED = DATA / "params_checked"  # the check stage's constant output: every stage depends on it
 
 CHECKPOINTS = Path("checkpoints")
+RESUME = CHECKPOINTS / "resume"  # resume states of stopped runs (gptlab/resume.py); untracked, never pushed
 METRICS = Path("metrics")
 TRAIN_STAGES = ("pretrain", "sft", "dpo")
 
 
 def checkpoint_dir(stage: str) -> Path:
     return CHECKPOINTS / stage
+
+
+def resume_dir(stage: str) -> Path:
+    return RESUME / stage
 
 
 def metrics_dir(stage: str) -> Path:

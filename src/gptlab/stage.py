@@ -21,8 +21,9 @@ from gptlab.checkpoint import load_checkpoint
 from gptlab.config import GptlabError, Params, load_params
 from gptlab.data.shards import Shard, read_shard, shard_paths
 from gptlab.launch import LAUNCHER_PID, error_marker
+from gptlab.resume import file_sha256
 from gptlab.tokenizer import Tokenizer, load_tokenizer
-from gptlab.train import say
+from gptlab.train import Stopped, say
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 LOCK_WAIT = "GPTLAB_LOCK_WAIT_SECONDS"  # how long a second run waits for the first to stop (default 30)
@@ -35,8 +36,18 @@ def start(stage: str) -> tuple[Params, Accelerator]:
     The main process holds the stage's lock until it exits, so two runs never write one output folder."""
     params = load_params()
     accelerator = Accelerator()
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:  # else every process would train alone and write the same outputs
+        raise GptlabError(
+            f"[{stage}] the launch started {launched} processes but accelerate joined them into none "
+            f"({accelerator.distributed_type} on {accelerator.device}): FSDP and multi-GPU configs need GPUs; "
+            f"on a CPU, launch with --multi_gpu and ACCELERATE_USE_CPU=1"
+        )
     if accelerator.is_main_process:
         hold_lock(stage)
+    if accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for what autocast leaves in fp32
+        torch.backends.cudnn.allow_tf32 = True
     if accelerator.device.type == "cpu":
         # accelerate launch sets OMP_NUM_THREADS=1; on CPU that would leave all but one core idle
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.state.num_processes))
@@ -57,6 +68,9 @@ def run(main: Callable[[], None]) -> None:
     except GptlabError as e:
         report(f"error: {e}")
         sys.exit(2)
+    except Stopped as e:  # a resume state was saved; `gptlab run` prints the interrupted line itself
+        report(f"{'' if under_gptlab_run() else 'error: '}{e}")
+        sys.exit(128 + e.signum)
     except KeyboardInterrupt:
         if not under_gptlab_run():
             report("error: interrupted; the stage stopped and wrote no new outputs")
@@ -142,6 +156,12 @@ def inherit(stage: str, parent: str, device):
 
 def announce(accelerator: Accelerator, stage: str, lines: dict) -> None:
     say(accelerator, f"[{stage}] " + " | ".join(f"{k} {v}" for k, v in lines.items()))
+
+
+def stage_inputs(parent_meta: dict, *files: Path) -> dict[str, str]:
+    """Checksums of what a fine-tuning stage reads: its start weights and data files (see gptlab.resume)."""
+    weights = parent_meta.get("weights", {}).get("sha256", "")
+    return {"init_weights": weights, **{str(f): file_sha256(f) for f in files}}
 
 
 def stage_meta(stage: str, params: Params, sections: tuple[str, ...], parent: str | None) -> dict:

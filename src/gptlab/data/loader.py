@@ -38,12 +38,19 @@ class Windows:
 
     def batch(self, starts: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
         """idx (B, T) and targets (B, T): the windows and the same windows shifted by one token."""
-        rows = torch.from_numpy(self.rows(np.asarray(starts, dtype=np.int64))).to(device)
+        rows = to_device(torch.from_numpy(self.rows(np.asarray(starts, dtype=np.int64))), device)
         return rows[:, :-1], rows[:, 1:]
 
     def fixed(self, count: int) -> np.ndarray:
         """`count` evenly spaced window numbers: the validation windows, the same every call."""
         return np.linspace(0, self.n - 1, num=count).astype(np.int64)
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """To a GPU from pinned memory without blocking (the copy overlaps the previous kernels); else plainly."""
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def step_generator(seed: int, step: int) -> np.random.Generator:

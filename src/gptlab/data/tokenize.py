@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from gptlab.config import GptlabError
 from gptlab.data.shards import HEADER_BYTES, ShardError, shard_dtype, shard_header
+from gptlab.fileio import fsync
 from gptlab.tokenizer import EOT, TiktokenTokenizer, Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ def write_shards(docs: Iterable[Document], tokenizer_dir: Path, out_dir: Path, *
         for writer in writers.values():
             writer.close()
         _check_not_empty(writers, out_dir)
-        _fsync(staging)
+        fsync(staging)
         _step()
         _swap_in(staging, out_dir)
     finally:
@@ -463,7 +464,7 @@ def _swap_in(staging: Path, out_dir: Path) -> None:
     if not os.path.lexists(out_dir):
         os.rename(staging, out_dir)
         _step()
-        _fsync(out_dir.parent)
+        fsync(out_dir.parent)
         return
     old = _sibling(out_dir, "old")
     os.rename(out_dir, old)
@@ -474,7 +475,7 @@ def _swap_in(staging: Path, out_dir: Path) -> None:
         os.rename(old, out_dir)
         raise
     _step()
-    _fsync(out_dir.parent)  # the new name is on disk before the old folder goes
+    fsync(out_dir.parent)  # the new name is on disk before the old folder goes
     _step()
     _remove(old)
 
@@ -517,14 +518,6 @@ def _remove(path: Path) -> None:
     elif os.path.lexists(path):
         path.unlink(missing_ok=True)
     _step()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _step() -> None:
