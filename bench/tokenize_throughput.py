@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shlex
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import tiktoken
+from machine_facts import busy_fraction, machine_facts
 
 from gptlab.data.shards import read_shard, shard_paths
 from gptlab.data.tokenize import Budgets, write_shards
@@ -95,15 +95,6 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def busy_fraction(interval: float = 0.5) -> float:
-    """Share of all CPUs busy over `interval` (others' work: the machine is shared), from /proc/stat."""
-    def sample():
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-    (t0, i0), _, (t1, i1) = sample(), time.sleep(interval), sample()
-    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
-
-
 def wait_for_quiet(max_wait: float) -> float:
     """Wait (up to max_wait s) until other processes leave the CPUs at most 10% busy; returns the last reading."""
     deadline = time.monotonic() + max_wait
@@ -146,17 +137,7 @@ def check_same_ids(texts: list[str], encoding: tiktoken.Encoding, out_dir: Path,
 
 
 def machine() -> dict:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else os.cpu_count(), "cpu_model": model, "platform": platform.platform(),
-            "python": platform.python_version(), "tiktoken": tiktoken.__version__, "numpy": np.__version__}
+    return machine_facts(tiktoken=tiktoken.__version__, numpy=np.__version__)
 
 
 def main() -> None:

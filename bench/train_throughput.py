@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -43,6 +42,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from machine_facts import busy_fraction, machine_facts
 
 from gptlab.config import TrainConfig
 from gptlab.losses import token_loss
@@ -56,15 +56,6 @@ CONFIGS = {
 }
 MATMUL_SIZES = (1024, 2048, 3072)
 N_BATCHES = 4  # distinct random batches, cycled
-
-
-def busy_fraction(interval: float = 0.5) -> float:
-    """Share of all CPUs busy over `interval` (others' work: the machine is shared), from /proc/stat."""
-    def sample():
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-    (t0, i0), _, (t1, i1) = sample(), time.sleep(interval), sample()
-    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
 
 
 class Quiet:
@@ -235,18 +226,8 @@ def bench_config(name: str, spec: dict, args, peaks: list[dict]) -> dict:
 def machine(threads: int) -> dict:
     import transformers
 
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else os.cpu_count(), "cpu_model": model, "torch_threads": threads, "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "mkldnn": torch.backends.mkldnn.is_available(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    return machine_facts(torch_threads=threads, torch=torch.__version__, transformers=transformers.__version__,
+                         mkldnn=torch.backends.mkldnn.is_available(), cpu_capability=torch.backends.cpu.get_cpu_capability())
 
 
 def main() -> None:

@@ -16,10 +16,12 @@ and each of those adds its node's rank and the rendezvous address from SLURM's v
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +36,7 @@ DEFAULT_CONFIG = "accelerate.yaml"
 LAUNCHER_PID = "GPTLAB_LAUNCHER_PID"  # tells the ranks `gptlab run` started them: it prints the Ctrl-C line
 SHELLS = {"sh", "dash", "bash", "zsh", "fish", "ksh"}
 POLL_SECONDS = 0.5
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 LAUNCH_OPTIONS = "GPTLAB_LAUNCH_OPTIONS"  # accelerate launch options for every stage dvc.yaml starts
 NODE_LAUNCH = "GPTLAB_NODE_LAUNCH"  # set in the per-node `gptlab run` that srun starts on each machine
 DEFAULT_PORT = "29500"
@@ -163,7 +166,7 @@ def slurm_fanout(stage: str, options: list[str], n_machines: int) -> int | None:
            sys.executable, "-m", "gptlab.cli", "run", stage, *options]
     env = {**os.environ, NODE_LAUNCH: "1", LAUNCH_OPTIONS: ""}  # the options travel on the command line
     try:
-        return subprocess.call(cmd, env=env, preexec_fn=_die_with_parent)
+        return subprocess.call(cmd, env=env, preexec_fn=die_with_parent)  # srun stops the job step on every node when we are gone
     except FileNotFoundError:
         print(f"error: [{stage}] num_machines={n_machines} under SLURM needs srun on PATH", file=sys.stderr)
         return 2
@@ -192,13 +195,15 @@ def _first_host(nodelist: str) -> str:
         return nodelist.split(",")[0]
 
 
-def _die_with_parent() -> None:
-    """srun stops the job step on every node when `gptlab run` (and so dvc) is gone."""
-    import ctypes
-    import signal
-
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Linux: have the kernel send `sig` to this process when its parent dies (PR_SET_PDEATHSIG), so no rank,
+    worker or srun goes on as an orphan. Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+    except (OSError, AttributeError):
+        pass
 
 
 def run_stage(stage: str, options: list[str]) -> int:

@@ -1,11 +1,9 @@
 """Start-up shared by the stage scripts: params, accelerator, seed, inherited checkpoints, announcements."""
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import json
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict
@@ -20,12 +18,11 @@ from gptlab import paths
 from gptlab.checkpoint import load_checkpoint
 from gptlab.config import GptlabError, Params, load_params
 from gptlab.data.shards import Shard, read_shard, shard_paths
-from gptlab.launch import LAUNCHER_PID, error_marker
+from gptlab.launch import LAUNCHER_PID, die_with_parent, error_marker
 from gptlab.resume import file_sha256
 from gptlab.tokenizer import Tokenizer, load_tokenizer
 from gptlab.train import Stopped, say
 
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 LOCK_WAIT = "GPTLAB_LOCK_WAIT_SECONDS"  # how long a second run waits for the first to stop (default 30)
 _LOCKS: list[int] = []
 
@@ -62,7 +59,7 @@ def run(main: Callable[[], None]) -> None:
     With several ranks every one of them meets the same bad input: the first to fail prints the line, the
     others only exit. Ctrl-C exits 130 quietly when `gptlab run` (which prints the one line) started us.
     Programming errors keep their traceback."""
-    die_with_parent()
+    die_with_parent()  # SIGTERM when the launcher dies: the loop saves a resume state and stops
     try:
         main()
     except GptlabError as e:
@@ -84,14 +81,6 @@ def report(line: str) -> None:
         except FileExistsError:
             return
     print(line, file=sys.stderr, flush=True)
-
-
-def die_with_parent() -> None:
-    """Linux: SIGTERM this process when its launcher dies, so no rank trains on as an orphan."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def under_gptlab_run() -> bool:

@@ -33,7 +33,6 @@ left (told apart by its writer's pid).
 """
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import operator
 import os
@@ -53,6 +52,7 @@ from tqdm import tqdm
 from gptlab.config import GptlabError
 from gptlab.data.shards import HEADER_BYTES, ShardError, shard_dtype, shard_header
 from gptlab.fileio import fsync
+from gptlab.launch import die_with_parent
 from gptlab.tokenizer import EOT, TiktokenTokenizer, Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
@@ -284,11 +284,7 @@ def _encode_in_worker(payload: str | list[str]) -> tuple[np.ndarray, np.ndarray]
 
 def _die_with(parent: int) -> None:
     """Have Linux SIGKILL this worker when its parent dies (a killed run must not leave workers behind)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
+    die_with_parent(signal.SIGKILL)
     if os.getppid() != parent:  # it died before prctl took effect
         os._exit(1)
 
