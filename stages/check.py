@@ -14,6 +14,7 @@ from pathlib import Path
 
 from gptlab import paths
 from gptlab.config import preset_choices, preset_path
+from gptlab.data.finetune import check_files
 from gptlab.data.records import INFO_FIELDS
 from gptlab.data.sources import check_sources
 from gptlab.data.world import check_world
@@ -29,10 +30,19 @@ def main() -> None:
     # local files: globs that match nothing, unreadable files, missing text fields (hub sources need the
     # network: tokenize checks those, still before any work)
     check_sources(params.data.sources, Path("."), None, kinds=("files",))
+    # fine-tuning data files (their first record against the schema) and an sft.init folder's config.json
+    for key, data in (("sft.data", params.sft.data), ("dpo.data", params.dpo.data)):
+        say(accelerator, f"[check] {key}: {check_files(data, key)}")
     T, n = params.model.block_size, accelerator.num_processes
+    tuned_T = T  # the context sft and dpo inherit: pretrain's, or the GPT-2 folder's
+    if params.sft.init != "pretrain":
+        from gptlab.hf_gpt2 import check_folder_tokenizer, read_hf_config
+
+        tuned_T = read_hf_config(Path(params.sft.init) / "config.json").block_size
+        check_folder_tokenizer(Path(params.sft.init))
     params.pretrain.grad_accum_steps(T, n, "pretrain")
-    params.sft.grad_accum_steps(T, n, "sft")
-    params.dpo.grad_accum_steps(2 * T, n, "dpo")  # chosen and rejected: two sequences per pair
+    params.sft.grad_accum_steps(tuned_T, n, "sft")
+    params.dpo.grad_accum_steps(2 * tuned_T, n, "dpo")  # chosen and rejected: two sequences per pair
     checked = "params"
     if paths.DATA_INFO.exists():
         info = read_json(paths.DATA_INFO, INFO_FIELDS)

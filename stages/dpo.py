@@ -1,18 +1,18 @@
 """dpo: direct preference optimisation of the sft model against a frozen copy of itself (the reference).
 
-Sigmoid loss on response log-probs summed over tokens. The reference never changes, so its log-probs are
-computed once up front instead of in every step (the same result, half the forward passes).
+dpo.loss_type picks the loss (sigmoid, ipo, hinge, robust: gptlab.losses.dpo_loss) on response log-probs
+summed over tokens. The reference's log-probs come from the ref_logps stage (data/ref_logps/), made once
+for these pairs and these sft weights. Every micro-batch holds the same number of pairs, so the mean over
+pairs does not depend on how a step is split into micro-batches and processes.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 
-from gptlab import paths
+from gptlab import paths, ref_logps
+from gptlab.data.finetune import input_files, preference_sets
 from gptlab.data.formats import encode_pairs
 from gptlab.data.loader import Slicer, StepCache, step_rows
-from gptlab.data.records import read_prefs
 from gptlab.evaluation import batch_pair_logps, pair_logps
 from gptlab.losses import dpo_loss
 from gptlab.stage import announce, inherit, run, stage_inputs, stage_meta, start
@@ -34,28 +34,36 @@ def reward_metrics(policy_chosen, policy_rejected, chosen_rewards, rejected_rewa
 def main() -> None:
     params, accelerator = start("dpo")
     cfg = params.dpo
-    policy, parent_meta, tok = inherit("dpo", "sft", accelerator.device)
-    ref = copy.deepcopy(policy).requires_grad_(False).eval()  # frozen sft copy, before any update
+    policy, parent_meta, tok = inherit("sft", accelerator.device)
     T = policy.config.block_size
-    rows, dropped = read_prefs(paths.PREFS_TRAIN)  # pairs with chosen == rejected teach nothing: dropped
-    pairs = encode_pairs(tok, rows, T, str(paths.PREFS_TRAIN))
-    heldout = encode_pairs(tok, read_prefs(paths.PREFS_HELDOUT)[0], T, str(paths.PREFS_HELDOUT))
-    heldout = heldout[: cfg.eval_batches * cfg.micro_batch_size]
-    ref_chosen, ref_rejected = pair_logps(ref, pairs, cfg.micro_batch_size, tok.eot_id)
-    held_ref = pair_logps(ref, heldout, cfg.micro_batch_size, tok.eot_id)
-    del ref
+    sets = preference_sets(cfg.data, params.seed)
+    where = f"dpo.data ({sets.source})"
+    train_set = encode_pairs(tok, sets.train, T, cfg.max_prompt_tokens, where)
+    held_set = encode_pairs(tok, sets.heldout, T, cfg.max_prompt_tokens, f"{where}, held out")
+    ref = ref_logps.read(parent_meta["weights"]["sha256"],
+                         {name: ref_logps.pairs_fingerprint(s.items) for name, s in
+                          (("train", train_set), ("heldout", held_set))})
+    (ref_chosen, ref_rejected) = ref["train"]
+    n_held = cfg.eval_batches * cfg.micro_batch_size
+    pairs, heldout = train_set.items, held_set.items[:n_held]
+    held_ref = tuple(t[:n_held] for t in ref["heldout"])
     # two sequences (chosen, rejected) per pair: tokens_per_step counts both
     grad_accum = cfg.grad_accum_steps(2 * T, accelerator.num_processes, "dpo")
+    dropped = f" (and {sets.dropped} with chosen == rejected left out)" if sets.dropped else ""
     announce(accelerator, "dpo", {
         "policy/ref": f"{paths.checkpoint_dir('sft')} (step {parent_meta['step']})",
-        "beta": cfg.beta,
-        "pairs": f"{len(pairs)}" + (f" ({dropped} with chosen == rejected dropped)" if dropped else ""),
+        "loss": f"{cfg.loss_type} (beta {cfg.beta}" + (f", label_smoothing {cfg.label_smoothing})" if cfg.label_smoothing else ")"),
+        "data": sets.source,
+        "pairs": train_set.describe() + dropped,
         "grad_accum": grad_accum,
         "epochs": f"{cfg.max_steps * cfg.tokens_per_step / (2 * T) / len(pairs):.1f}",
     })
 
     slicer = Slicer(cfg.micro_batch_size, grad_accum, accelerator.process_index, accelerator.num_processes)
     step_batch = StepCache(lambda step: step_rows(len(pairs), params.seed, step, slicer.global_rows))
+
+    def pair_loss(pc, pr, rc, rr):
+        return dpo_loss(pc, pr, rc.to(pc.device), rr.to(pc.device), cfg.beta, cfg.loss_type, cfg.label_smoothing)
 
     def next_batch(step, micro):
         chosen = slicer.take(step_batch(step), micro)
@@ -64,17 +72,19 @@ def main() -> None:
     def loss(m, batch):
         chunk, rc, rr = batch
         pc, pr = batch_pair_logps(m, chunk, tok.eot_id)
-        value, cr, rj = dpo_loss(pc, pr, rc.to(pc.device), rr.to(pc.device), cfg.beta)
-        return value, reward_metrics(pc, pr, cr, rj), 2 * sum(len(c.ids) for c, _ in chunk)
+        value, cr, rj = pair_loss(pc, pr, rc, rr)
+        return value, reward_metrics(pc, pr, cr, rj), sum(len(c.ids) + len(r.ids) for c, r in chunk)
 
     def evaluate(m):
         pc, pr = pair_logps(m, heldout, cfg.micro_batch_size, tok.eot_id)
-        value, cr, rj = dpo_loss(pc, pr, held_ref[0], held_ref[1], cfg.beta)
-        return {"val_loss": value.item(), "val_rewards/accuracies": (cr > rj).float().mean().item()}
+        value, cr, rj = pair_loss(pc, pr, *held_ref)
+        return {"val_loss": value.item(), "val_rewards/accuracies": (cr > rj).float().mean().item(),
+                "val_rewards/margins": (cr - rj).mean().item()}
 
-    meta = stage_meta("dpo", params, ("dpo",), parent="sft")
+    template = sets.train[0].prompt.template
+    meta = stage_meta("dpo", params, ("dpo",), str(paths.checkpoint_dir("sft")), template=template)
     train(policy, Task(next_batch, loss, evaluate), cfg, grad_accum, accelerator, "dpo", meta, tok,
-          stage_inputs(parent_meta, paths.PREFS_TRAIN, paths.PREFS_HELDOUT))
+          stage_inputs(parent_meta, *input_files(cfg.data, "dpo.data"), *sorted(paths.REF_LOGPS.glob("*"))))
 
 
 if __name__ == "__main__":

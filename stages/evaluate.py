@@ -10,15 +10,15 @@ import math
 import torch
 
 from gptlab import paths
-from gptlab.checkpoint import load_checkpoint
-from gptlab.data.formats import encode_pairs, format_prompt
+from gptlab.checkpoint import checkpoint_tokenizer, load_checkpoint
+from gptlab.data.formats import Conversation, Message, Pair, encode_pairs, format_prompt
 from gptlab.data.loader import Windows
 from gptlab.data.records import INFO_FIELDS, read_mc, read_prefs, read_questions
 from gptlab.data.world import answer_matches, style_of
 from gptlab.evaluation import greedy_answers, multiple_choice, pair_logps, shard_loss
 from gptlab.fileio import atomic_write_json, atomic_write_text, read_json
 from gptlab.sampling import generate
-from gptlab.stage import announce, read_split, require_same_tokenizer, run, start
+from gptlab.stage import announce, read_split, run, start
 from gptlab.tokenizer import load_tokenizer
 
 MODELS = ("pretrain", "sft", "dpo")
@@ -72,29 +72,31 @@ def main() -> None:
     if "entropy_floor" in info:  # the world alone knows the loss a perfect model would reach
         metrics["data"] = {"entropy_floor": info["entropy_floor"], **metrics["data"]}
     report = ["# Samples", "", f"temperature {ecfg.temperature}, top_k {ecfg.top_k}, top_p {ecfg.top_p}", ""]
-    checkpoints = {name: load_checkpoint(paths.checkpoint_dir(name), device) for name in MODELS}  # all checked first
-    for _, meta in checkpoints.values():
-        require_same_tokenizer("evaluate", tok, meta["tokenizer"]["fingerprint"])
+    checkpoints = {name: (*load_checkpoint(paths.checkpoint_dir(name), device),
+                          checkpoint_tokenizer(paths.checkpoint_dir(name))) for name in MODELS}  # all checked first
     ref_logps = None
-    for name, (model, _) in checkpoints.items():
+    for name, (model, _, mtok) in checkpoints.items():
         model.eval()
         T = model.config.block_size
-        pairs = encode_pairs(tok, heldout_pairs, T, str(paths.PREFS_HELDOUT))
-        val_loss = shard_loss(model, Windows(val, T), ecfg.val_batches, ecfg.micro_batch_size)
-        m = {"val_loss": val_loss, "perplexity": math.exp(val_loss)}
-        m |= multiple_choice(model, tok, mc_items, ecfg.micro_batch_size)
-        scores, answers = answer_metrics(model, tok, questions, ecfg.max_new_tokens)
+        pairs = encode_pairs(mtok, [Pair(Conversation("question", (Message("user", r["question"]),)), r["chosen"],
+                                         r["rejected"]) for r in heldout_pairs], T, 0, str(paths.PREFS_HELDOUT)).items
+        m = {}
+        if mtok.fingerprint == tok.fingerprint:  # the val shard's ids mean something to this model only then
+            val_loss = shard_loss(model, Windows(val, T), ecfg.val_batches, ecfg.micro_batch_size)
+            m = {"val_loss": val_loss, "perplexity": math.exp(val_loss)}
+        m |= multiple_choice(model, mtok, mc_items, ecfg.micro_batch_size)
+        scores, answers = answer_metrics(model, mtok, questions, ecfg.max_new_tokens)
         m |= scores
         beta = params.dpo.beta
-        m |= preference_metrics(model, pairs, ref_logps if name == "dpo" else None, ecfg.micro_batch_size, tok.eot_id, beta)
+        m |= preference_metrics(model, pairs, ref_logps if name == "dpo" else None, ecfg.micro_batch_size, mtok.eot_id, beta)
         if name == "sft":  # the sft model is the dpo model's reference
-            ref_logps = pair_logps(model, pairs, ecfg.micro_batch_size, tok.eot_id)
+            ref_logps = pair_logps(model, pairs, ecfg.micro_batch_size, mtok.eot_id)
         metrics[name] = m
         announce(accelerator, f"evaluate {name}", {k: f"{v:.4f}" for k, v in m.items()})
         report += [f"## {name}", "", "Greedy answers to held-out questions (gold answer in brackets):", ""]
         report += [f"- {q['question']} [{q['answer']}] →{a}" for q, a in zip(questions[:N_SHOWN], answers)]
         report += ["", "Samples:", ""]
-        for prompt, text in zip(prompts, samples(model, tok, prompts, ecfg, params.seed)):
+        for prompt, text in zip(prompts, samples(model, mtok, prompts, ecfg, params.seed)):
             report += ["```", prompt + text, "```", ""]
 
     atomic_write_json(paths.metrics_dir("evaluate") / "metrics.json", metrics)

@@ -51,7 +51,7 @@ def main() -> None:
         return {"val_loss": shard_loss(m, val_windows, cfg.eval_batches, cfg.micro_batch_size),
                 **multiple_choice(m, tok, mc_items, cfg.micro_batch_size)}
 
-    meta = stage_meta("pretrain", params, ("data", "tokenizer", "model", "pretrain"), parent=None)
+    meta = stage_meta("pretrain", params, ("data", "tokenizer", "model", "pretrain"), None)
     inputs = {"tokenizer": tok.fingerprint, str(paths.DATA_INFO): file_sha256(paths.DATA_INFO)}  # info.json describes the shards
     train(model, Task(next_batch, loss, evaluate), cfg, grad_accum, accelerator, "pretrain", meta, tok, inputs)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gptlab import paths
 from gptlab.config import GptlabError
-from gptlab.data.formats import encode_example, format_prompt
+from gptlab.data.formats import Conversation, Message, encode_segments, format_prompt, segments
 from gptlab.data.sources import check_sources, mixed_documents, tokenizer_sample
 from gptlab.data.tokenize import Budgets, write_shards
 from gptlab.data.world import build_world
@@ -117,7 +117,8 @@ def longest_example(tok, sft_train, heldout, prefs_train, prefs_heldout) -> int:
     against it, so a too-small context fails before pretraining, not after."""
     answered = [(r["question"], r["response"]) for r in sft_train + heldout]
     answered += [(r["question"], r[k]) for r in prefs_train + prefs_heldout for k in ("chosen", "rejected")]
-    return max(len(encode_example(tok, question, response).ids) for question, response in answered)
+    return max(len(encode_segments(tok, segments(Conversation("question", (Message("user", q), Message("assistant", a)))))
+                   .ids) for q, a in answered)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ from gptlab.model import GPT, GPTConfig
 from gptlab.tokenizer import train_tokenizer
 
 
-def make_checkpoint(tmp_path):
+def make_checkpoint(tmp_path, meta=None):
     torch.manual_seed(0)
     tok = train_tokenizer(TokenizerConfig(kind="char"), ["Question: Answer abcdefgh\n"])
-    save_checkpoint(tmp_path, GPT(GPTConfig(1, 2, 16, 64, tok.n_vocab)), {"stage": "t"}, tok)
+    save_checkpoint(tmp_path, GPT(GPTConfig(1, 2, 16, 64, tok.n_vocab)), meta or {"stage": "t"}, tok)
     return tok
 
 
@@ -32,7 +32,14 @@ def test_generate_greedy_is_deterministic_and_sampling_is_seeded(tmp_path):
     assert greedy[0] == greedy[1] and greedy[0].startswith("abc")
     sampled = [generate_text(str(tmp_path), "abc", 20, 1.0, 0, 1.0, seed=s) for s in (1, 1, 2)]
     assert sampled[0] == sampled[1] != sampled[2]
-    assert generate_text(str(tmp_path), "abc", 5, 0.0, 50, 0.9, 0, question=True).startswith("Question: abc\nAnswer:")
+    # --chat needs the template the checkpoint was fine-tuned with; a pretrained one has none
+    with pytest.raises(cli.UsageError, match="--chat: .* names no template"):
+        generate_text(str(tmp_path), "abc", 5, 0.0, 50, 0.9, 0, chat=True)
+
+
+def test_chat_renders_the_prompt_in_the_checkpoints_template(tmp_path):
+    make_checkpoint(tmp_path, {"stage": "sft", "template": "question"})
+    assert generate_text(str(tmp_path), "abc", 5, 0.0, 50, 0.9, 0, chat=True).startswith("Question: abc\nAnswer:")
 
 
 def test_console_script_defaults_and_errors(tmp_path, capsys):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gptlab.config import GptlabError, TokenizerConfig
-from gptlab.data.formats import collate, encode_examples, encode_pairs
+from gptlab.data.formats import Conversation, Message, collate, encode_conversations, encode_pairs
 from gptlab.data.records import INFO_FIELDS, read_mc, read_prefs, read_questions, read_sft
 from gptlab.data.shards import HEADER_BYTES, MAGIC, ShardError, read_shard, write_shard
 from gptlab.fileio import read_json, read_jsonl
@@ -243,18 +243,19 @@ def char_tok():
 
 def test_encoding_nothing_is_an_error_naming_where(char_tok):
     with raises("data/sft_train.jsonl", "no examples"):
-        encode_examples(char_tok, [], 64, "data/sft_train.jsonl")
+        encode_conversations(char_tok, [], 64, 0, "data/sft_train.jsonl")
     with raises("data/prefs_train.jsonl", "no examples"):
-        encode_pairs(char_tok, [], 64, "data/prefs_train.jsonl")
-    idx, targets = collate([], pad_id=0)
+        encode_pairs(char_tok, [], 64, 0, "data/prefs_train.jsonl")
+    idx, targets, _ = collate([], pad_id=0)
     assert idx.shape == targets.shape == (0, 0)
 
 
 def test_char_tokenizer_names_the_character_and_where_it_came_from(char_tok):
     rows = [SFT, {**SFT, "response": " Zürich."}]
+    convs = [Conversation("question", (Message("user", r["question"]), Message("assistant", r["response"]))) for r in rows]
     named = r"^data/sft_train.jsonl: char tokenizer: character 'Z' \(at position 1 of ' Zürich.'\)"
     with pytest.raises(TokenizerError, match=named):
-        encode_examples(char_tok, rows, 64, "data/sft_train.jsonl")
+        encode_conversations(char_tok, convs, 64, 0, "data/sft_train.jsonl")
 
 
 # --- tokenizer folders ----------------------------------------------------------------------------------------

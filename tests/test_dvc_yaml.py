@@ -15,7 +15,7 @@ def outs(stage: str) -> set[str]:
 
 
 def test_stage_order_and_launch():
-    assert list(DVC["stages"]) == ["check", "tokenize", "pretrain", "sft", "dpo", "evaluate"]
+    assert list(DVC["stages"]) == ["check", "tokenize", "pretrain", "sft", "ref_logps", "dpo", "evaluate"]
     assert tuple(DVC["stages"]) == STAGES  # what `gptlab run` accepts
     for name, stage in DVC["stages"].items():
         assert stage["cmd"] == f"gptlab run {name}"
@@ -59,8 +59,33 @@ def test_params_sections_so_exp_run_reruns_only_downstream():
 
 def test_top_level_metrics_and_plots():
     assert set(DVC["metrics"]) == {f"metrics/{s}/metrics.json" for s in ("pretrain", "sft", "dpo", "evaluate")}
-    plots = [next(iter(p)) for p in DVC["plots"]]
-    assert plots == [f"metrics/{s}/plots/metrics" for s in ("pretrain", "sft", "dpo")]
+    plots = {next(iter(p)): next(iter(p.values())) for p in DVC["plots"]}
+    assert list(plots) == ["metrics/pretrain/plots/metrics", "sft_loss", "dpo_loss", "dpo_rewards"]
+    # per-step loss of sft and dpo, and TRL's reward statistics, from the files dvclive writes for those names
+    series = {f: col for name in ("sft_loss", "dpo_loss", "dpo_rewards") for f, col in plots[name]["y"].items()}
+    for stage in ("sft", "dpo"):
+        assert series[f"metrics/{stage}/plots/metrics/loss.tsv"] == "loss"
+    for name in ("rewards/margins", "rewards/accuracies"):
+        assert series[f"metrics/dpo/plots/metrics/{name}.tsv"] == name.split("/")[1]  # dvclive's column
+    assert all(plots[n]["title"] and plots[n]["x"] == "step" for n in ("sft_loss", "dpo_loss", "dpo_rewards"))
+
+
+def test_reference_log_probs_are_their_own_stage_so_a_beta_or_loss_sweep_reuses_them():
+    ref, dpo = DVC["stages"]["ref_logps"], DVC["stages"]["dpo"]
+    assert outs("ref_logps") == {str(paths.REF_LOGPS)}
+    assert str(paths.REF_LOGPS) in dpo["deps"] and "checkpoints/sft" in ref["deps"]
+    assert {"dpo.data", "dpo.max_prompt_tokens", "dpo.micro_batch_size"} <= set(ref["params"])
+    assert "dpo" not in ref["params"]  # not the whole section: beta, loss_type, lr ... do not rerun it
+
+
+def test_fine_tuning_stages_depend_on_the_folders_their_local_inputs_live_in():
+    from gptlab.config import FINETUNE_DIR, MODELS_DIR
+
+    for stage in ("sft", "ref_logps", "dpo"):
+        assert FINETUNE_DIR in DVC["stages"][stage]["deps"], stage
+    assert MODELS_DIR in DVC["stages"]["sft"]["deps"]
+    for folder in (FINETUNE_DIR, MODELS_DIR):  # dvc needs a dependency to exist
+        assert (ROOT / folder).is_dir() and any((ROOT / folder).iterdir())
 
 
 def test_tokenize_depends_on_the_corpus_folder_and_it_is_committed():

@@ -184,7 +184,7 @@ def test_char_tokenizer_runs_the_whole_pipeline(tmp_path):
     assert info["tokenizer"]["kind"] == "char" and info["tokenizer"]["n_vocab"] < 100
     metrics = yaml.safe_load((project / "metrics" / "evaluate" / "metrics.json").read_text())
     assert set(metrics) >= {"pretrain", "sft", "dpo"}
-    gen = sh("gptlab generate checkpoints/dpo --question --prompt 'Where was Q born?' --max_tokens 5", project)
+    gen = sh("gptlab generate checkpoints/dpo --chat --prompt 'Where was Q born?' --max_tokens 5", project)
     assert gen.stdout.startswith("Question: Where was Q born?\nAnswer:")
 
 

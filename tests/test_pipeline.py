@@ -52,9 +52,16 @@ def test_metrics_show_and_plots_show_read_the_declared_files(tiny_project):
     shown = json.loads(sh("dvc metrics show --json", tiny_project).stdout)
     text = json.dumps(shown)
     assert "metrics/evaluate/metrics.json" in text and "exact_match" in text and "val_loss" in text
-    plots = sh("dvc plots show --json", tiny_project).stdout
-    for stage in MODELS:
-        assert f"metrics/{stage}/plots/metrics/loss.tsv" in plots
+    plots = json.loads(sh("dvc plots show --json", tiny_project).stdout)["data"]
+    assert "metrics/pretrain/plots/metrics/loss.tsv" in plots
+    # dvc.yaml's named plots: every series they declare has rows (dvc names a series file::column)
+    expected = {"sft_loss": {"loss.tsv::loss", "val_loss.tsv::val_loss"},
+                "dpo_loss": {"loss.tsv::loss", "val_loss.tsv::val_loss"},
+                "dpo_rewards": {"rewards/margins.tsv::margins", "rewards/accuracies.tsv::accuracies",
+                                "val_rewards/accuracies.tsv::accuracies"}}
+    for name, series in expected.items():
+        rows = plots[name][0]["content"]["data"]["values"]
+        assert {r["filename::field"] for r in rows} == series, name
 
 
 def test_push_then_pull_into_a_fresh_clone_restores_identical_checkpoints(tiny_project):

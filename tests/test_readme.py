@@ -14,7 +14,9 @@ from gptlab.data.world import build_world
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-GENERATE = [line.strip() for line in README.splitlines() if line.strip().startswith("gptlab generate ")]
+# the Sampling section's commands run on the embedded default (others need a GPT-2 run and the network)
+SAMPLING = README.split("## Sampling")[1].split("\n## ")[0]
+GENERATE = [line.strip() for line in SAMPLING.splitlines() if line.strip().startswith("gptlab generate ")]
 
 
 def prompt_of(command: str) -> str:

@@ -24,6 +24,14 @@ SOURCE_KINDS = ("world", "hf", "files")
 # keys of a data.sources entry that only some kinds use (kind, weight, max_tokens: every kind)
 SOURCE_KEYS = {"val_share": ("hf", "files"), "path": ("hf",), "name": ("hf",), "split": ("hf",), "val_split": ("hf",),
                "revision": ("hf",), "text_field": ("hf", "files"), "paths": ("files",), "separator": ("files",)}
+# fine-tuning data (sft.data, dpo.data): the schemas each stage reads; see gptlab/data/finetune.py
+SFT_FORMATS = ("world", "alpaca", "messages", "prompt_completion")
+PREFERENCE_FORMATS = ("world", "hh_rlhf", "preference")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # TRL's names; formulas in gptlab/losses.py
+SMOOTHED_LOSS_TYPES = ("sigmoid", "robust")  # the ones dpo.label_smoothing applies to
+# Local files a stage reads live in folders dvc.yaml lists as dependencies, so changing one reruns the stage.
+FINETUNE_DIR = "finetune"  # sft/dpo data files (sft.data.paths, dpo.data.paths)
+MODELS_DIR = "models"  # start points that are not pipeline checkpoints (sft.init: a Hugging Face GPT-2 folder)
 
 
 class GptlabError(ValueError):
@@ -208,6 +216,66 @@ class TrainConfig:
         return self.tokens_per_step // per_micro
 
 
+def _inside(folder: str, path: str) -> bool:
+    """Whether a relative path stays inside `folder` (globs included): what DVC tracks as that dependency."""
+    parts = Path(path).parts
+    return not Path(path).is_absolute() and len(parts) >= 2 and parts[0] == folder and ".." not in parts
+
+
+@dataclass(frozen=True)
+class FinetuneData:
+    """sft.data / dpo.data: where a fine-tuning stage's examples come from and in which schema.
+
+    format world: the embedded world's sets (written by tokenize); every other format reads a Hugging Face
+    dataset (path, name, revision, split) or local .jsonl/.parquet files under finetune/ (paths), both through
+    datasets.load_dataset. Held-out examples (val_loss) come from val_split (hub) or a seeded val_share."""
+
+    FORMATS = ()  # the subclass's allowed formats (a class constant, not a key)
+
+    format: str = "world"
+    path: str = ""  # hub dataset, e.g. tatsu-lab/alpaca (or give paths)
+    name: str = ""  # hub config ("" = the dataset's default)
+    revision: str = ""  # hub commit or tag to pin ("" = latest; the log says it is unpinned)
+    split: str = "train"  # hub split the training examples come from
+    val_split: str = ""  # hub split for held-out examples (instead of val_share)
+    val_share: float = 0.0  # share of records held out, picked by a seeded hash (hub or files)
+    paths: tuple[str, ...] = ()  # local .jsonl/.parquet files or globs under finetune/
+    max_examples: int = 0  # training examples used at most, in the data's order (0 = all)
+
+    def check(self, where: str) -> None:
+        _require(self.format in self.FORMATS, f"{where}.format", f"must be one of {self.FORMATS}")
+        _require(self.max_examples >= 0, f"{where}.max_examples", "must be 0 (all) or more")
+        _require(0.0 <= self.val_share < 1.0, f"{where}.val_share", "must lie in [0, 1)")
+        if self.format == "world":
+            for key in ("path", "name", "revision", "val_split", "val_share", "paths", "split"):
+                if getattr(self, key) != getattr(type(self)(), key):
+                    raise ConfigError(f"{where}.{key}: not for format world (its sets come from tokenize); "
+                                      f"set {where}.format to one of {self.FORMATS[1:]} to read other data")
+            return
+        _require(bool(self.path) != bool(self.paths), f"{where}.path",
+                 "give a hub dataset (path) or local files (paths), exactly one of the two")
+        for key in ("name", "revision", "val_split"):
+            _require(not (self.paths and getattr(self, key)), f"{where}.{key}", "only for a hub dataset (path)")
+        for p in self.paths:
+            _require(_inside(FINETUNE_DIR, p), f"{where}.paths",
+                     f"{p!r} is not under {FINETUNE_DIR}/; put local fine-tuning files there (dvc.yaml lists the "
+                     f"folder as a dependency, so changing a file reruns the stage)")
+        _require(bool(self.split), f"{where}.split", "name the split, e.g. train")
+        _require(not (self.val_split and self.val_share), f"{where}.val_split", "give val_split or val_share, not both")
+        _require(bool(self.val_split) or self.val_share > 0, f"{where}.val_share",
+                 "held-out examples are needed for val_loss: set val_share (e.g. 0.02) or val_split")
+
+
+@dataclass(frozen=True)
+class SFTData(FinetuneData):
+    FORMATS = SFT_FORMATS
+
+
+@dataclass(frozen=True)
+class PreferenceData(FinetuneData):
+    FORMATS = PREFERENCE_FORMATS
+
+
 @dataclass(frozen=True)
 class SFTConfig(TrainConfig):
     """sft's defaults: fewer steps from a pretrained start, smaller batches."""
@@ -220,6 +288,17 @@ class SFTConfig(TrainConfig):
     eval_interval: int = 125
     log_interval: int = 10
     save_interval: int = 125
+    init: str = "pretrain"  # start weights: pretrain (its checkpoint) or a Hugging Face GPT-2 folder under models/
+    data: SFTData = field(default_factory=SFTData)
+    max_prompt_tokens: int = 0  # prompt tokens kept at most, cut from the left (0 = as many as the context holds)
+    packing: bool = False  # several examples per sequence (no attention or loss across them): fewer pad tokens
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        _require(self.init == "pretrain" or _inside(MODELS_DIR, self.init), f"{where}.init",
+                 f"must be pretrain or a Hugging Face GPT-2 folder under {MODELS_DIR}/ (e.g. {MODELS_DIR}/gpt2; "
+                 f"dvc.yaml lists {MODELS_DIR}/ as a dependency of sft), got {self.init!r}")
+        _require(self.max_prompt_tokens >= 0, f"{where}.max_prompt_tokens", "must be 0 (no cap) or more")
 
 
 @dataclass(frozen=True)
@@ -235,10 +314,19 @@ class DPOConfig(TrainConfig):
     log_interval: int = 5
     save_interval: int = 25
     beta: float = 0.1  # DPO temperature: how far the policy may move from the reference
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge | robust, as TRL names them
+    label_smoothing: float = 0.0  # sigmoid/robust: assumed share of flipped preference labels
+    data: PreferenceData = field(default_factory=PreferenceData)
+    max_prompt_tokens: int = 0  # prompt tokens kept at most, cut from the left (0 = as many as the context holds)
 
     def check(self, where: str) -> None:
         super().check(where)
         _require(self.beta > 0, f"{where}.beta", "must be positive")
+        _require(self.loss_type in DPO_LOSS_TYPES, f"{where}.loss_type", f"must be one of {DPO_LOSS_TYPES}")
+        _require(0.0 <= self.label_smoothing < 0.5, f"{where}.label_smoothing", "must lie in [0, 0.5)")
+        _require(self.label_smoothing == 0 or self.loss_type in SMOOTHED_LOSS_TYPES, f"{where}.label_smoothing",
+                 f"only {' and '.join(SMOOTHED_LOSS_TYPES)} use it; set it to 0.0 for loss_type {self.loss_type}")
+        _require(self.max_prompt_tokens >= 0, f"{where}.max_prompt_tokens", "must be 0 (no cap) or more")
 
 
 @dataclass(frozen=True)

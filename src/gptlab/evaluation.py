@@ -39,7 +39,7 @@ def examples_loss(model, examples: list[Example], micro_batch_size: int, pad_id:
     """Token-weighted mean loss over the response tokens of all examples."""
     total, count = 0.0, 0
     for i in range(0, len(examples), micro_batch_size):
-        idx, targets = collate(examples[i : i + micro_batch_size], pad_id)
+        idx, targets, _ = collate(examples[i : i + micro_batch_size], pad_id)
         idx, targets = idx.to(device_of(model)), targets.to(device_of(model))
         n = int((targets != IGNORE).sum())
         total += token_loss(model(idx), targets).item() * n
@@ -61,7 +61,7 @@ def pair_logps(model, pairs: list[tuple[Example, Example]], micro_batch_size: in
 
 def batch_pair_logps(model, pairs: list[tuple[Example, Example]], pad_id: int):
     """One forward pass over chosen and rejected stacked (2B rows); returns (chosen (B,), rejected (B,))."""
-    idx, targets = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
+    idx, targets, _ = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
     idx, targets = idx.to(device_of(model)), targets.to(device_of(model))
     logps = sequence_logps(model(idx), targets)
     return logps[: len(pairs)], logps[len(pairs) :]
@@ -74,11 +74,11 @@ def multiple_choice(model, tok: Tokenizer, items: list[dict], micro_batch_size: 
     for item in items:
         ctx = tok.encode(item["ctx"])
         for ending in item["endings"]:
-            examples.append(Example(ctx + tok.encode(ending), len(ctx)))
+            examples.append(Example.of(ctx, tok.encode(ending)))
             byte_lens.append(len(ending.encode()))
     scores = []
     for i in range(0, len(examples), micro_batch_size):
-        idx, targets = collate(examples[i : i + micro_batch_size], tok.eot_id)
+        idx, targets, _ = collate(examples[i : i + micro_batch_size], tok.eot_id)
         scores.append(sequence_logps(model(idx.to(device_of(model))), targets.to(device_of(model))).cpu())
     logps = torch.cat(scores).numpy()
     hits, hits_norm, k = 0, 0, 0

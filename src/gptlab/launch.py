@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-STAGES = ("check", "tokenize", "pretrain", "sft", "dpo", "evaluate")
+STAGES = ("check", "tokenize", "pretrain", "sft", "ref_logps", "dpo", "evaluate")
 DEFAULT_CONFIG = "accelerate.yaml"
 LAUNCHER_PID = "GPTLAB_LAUNCHER_PID"  # tells the ranks `gptlab run` started them: it prints the Ctrl-C line
 SHELLS = {"sh", "dash", "bash", "zsh", "fish", "ksh"}

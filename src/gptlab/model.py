@@ -76,7 +76,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         # heads are contiguous slices of C, as in GPT-2
@@ -88,7 +89,10 @@ class CausalSelfAttention(nn.Module):
             past = cache.pos
             k, v = cache.update(layer, k, v)  # (B, H, L, D)
         p = self.dropout if self.training else 0.0
-        y = self._attend(q, k, v, past, p)  # (B, H, T, D)
+        if mask is not None:  # packed sequences: a block-diagonal causal mask (see GPT.forward)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        else:
+            y = self._attend(q, k, v, past, p)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_drop(self.c_proj(y))
 
@@ -202,8 +206,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=LN_EPS, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)  # (B, T, C)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, mask)  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x
 
@@ -244,7 +249,10 @@ class GPT(nn.Module):
         max_len = self.config.block_size if max_len is None else max_len
         return KVCache(self.config.n_layer, min(max_len, self.config.block_size))
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab). segments (B, T), for packed rows: which example each position belongs to
+        (numbered along the row; -1 = padding); positions restart and attention stays within each example."""
         B, T = idx.shape
         past = 0 if cache is None else cache.pos
         if past + T > self.config.block_size:
@@ -252,12 +260,15 @@ class GPT(nn.Module):
                 f"sequence of {past + T} tokens ({past} cached + {T} new) exceeds block_size="
                 f"{self.config.block_size}; crop the input to the last {self.config.block_size} tokens"
             )
-        # new tokens continue where the cache left off
-        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
+        mask = None
+        if segments is not None:
+            pos, mask = packed_positions(segments)  # (B, T), (B, 1, T, T)
+        else:  # new tokens continue where the cache left off
+            pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)  # (B, T, C)
+            x = block(x, cache, i, mask)  # (B, T, C)
         if cache is not None:
             cache.advance(T)
         x = self.transformer.ln_f(x)  # (B, T, C)
@@ -274,6 +285,19 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6N for the matmuls (forward + backward) plus attention scores."""
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+def packed_positions(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed rows (segments (B, T), contiguous runs per example): each position's index within its
+    example (B, T), and the attention mask (B, 1, T, T): a position sees earlier positions of its own example."""
+    B, T = segments.shape
+    at = torch.arange(T, device=segments.device).expand(B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.cummax(torch.where(starts, at, torch.zeros_like(at)), dim=1).values  # start of each run
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return at - first, (same & causal).unsqueeze(1)
 
 
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ SFT_HELDOUT = DATA / "sft_heldout.jsonl"
 PREFS_TRAIN = DATA / "prefs_train.jsonl"
 PREFS_HELDOUT = DATA / "prefs_heldout.jsonl"
 MC_EVAL = DATA / "mc_eval.jsonl"
+REF_LOGPS = DATA / "ref_logps"  # the sft model's log-probs of every preference pair (stages/ref_logps.py)
 DATA_INFO = DATA / "info.json"  # corpus statistics, incl. the entropy floor in nats per token
 PARAMS_CHECKED = DATA / "params_checked"  # the check stage's constant output: every stage depends on it
 

@@ -15,12 +15,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from gptlab import paths
-from gptlab.checkpoint import load_checkpoint
+from gptlab.checkpoint import checkpoint_tokenizer, load_checkpoint
 from gptlab.config import GptlabError, Params, load_params
 from gptlab.data.shards import Shard, read_shard, shard_paths
 from gptlab.launch import LAUNCHER_PID, die_with_parent, error_marker
 from gptlab.resume import file_sha256
-from gptlab.tokenizer import Tokenizer, load_tokenizer
+from gptlab.tokenizer import Tokenizer
 from gptlab.train import Stopped, say
 
 LOCK_WAIT = "GPTLAB_LOCK_WAIT_SECONDS"  # how long a second run waits for the first to stop (default 30)
@@ -113,13 +113,6 @@ def hold_lock(stage: str) -> None:
     _LOCKS.append(fd)  # kept open (and locked) until the process exits
 
 
-def tokenizer_for(stage: str, expected_fingerprint: str) -> Tokenizer:
-    """The tokenize stage's tokenizer, which must be the one the inputs were made with."""
-    tok = load_tokenizer(paths.TOKENIZER)
-    require_same_tokenizer(stage, tok, expected_fingerprint)
-    return tok
-
-
 def read_split(stage: str, split: str, tok: Tokenizer) -> list[Shard]:
     """Every shard of a split, each checked (size, ids below the vocabulary) and made by this tokenizer."""
     shards = [read_shard(path, tok.n_vocab) for path in shard_paths(paths.SHARDS, split)]
@@ -136,11 +129,20 @@ def require_same_tokenizer(stage: str, tok: Tokenizer, expected_fingerprint: str
         )
 
 
-def inherit(stage: str, parent: str, device):
-    """Load the parent stage's checkpoint and say what this stage inherits from it."""
-    model, meta = load_checkpoint(paths.checkpoint_dir(parent), device)
-    tok = tokenizer_for(stage, meta["tokenizer"]["fingerprint"])
-    return model, meta, tok
+def inherit(parent: str, device):
+    """The parent stage's checkpoint: (model, meta, the tokenizer saved with it)."""
+    directory = paths.checkpoint_dir(parent)
+    model, meta = load_checkpoint(directory, device)
+    return model, meta, checkpoint_tokenizer(directory)
+
+
+def start_point(init: str, device):
+    """sft.init: the pretrain checkpoint, or a Hugging Face GPT-2 folder (read from safetensors, never pickle)."""
+    if init == "pretrain":
+        return inherit("pretrain", device)
+    from gptlab.hf_gpt2 import load_hf_gpt2
+
+    return load_hf_gpt2(init, device)
 
 
 def announce(accelerator: Accelerator, stage: str, lines: dict) -> None:
@@ -153,11 +155,12 @@ def stage_inputs(parent_meta: dict, *files: Path) -> dict[str, str]:
     return {"init_weights": weights, **{str(f): file_sha256(f) for f in files}}
 
 
-def stage_meta(stage: str, params: Params, sections: tuple[str, ...], parent: str | None) -> dict:
-    """What a checkpoint records about how it was made."""
+def stage_meta(stage: str, params: Params, sections: tuple[str, ...], init_from: str | None, **extra) -> dict:
+    """What a checkpoint records about how it was made (init_from: the start point's folder; None = scratch)."""
     return {
         "stage": stage,
-        "init_from": str(paths.checkpoint_dir(parent)) if parent else "scratch",
+        "init_from": init_from or "scratch",
+        **extra,
         "params": {"seed": params.seed, **{s: asdict(getattr(params, s)) for s in sections}},
     }
 

@@ -162,8 +162,13 @@ def _picks(sources: tuple[SourceConfig, ...], seed: int) -> Iterator[int]:
 def _route(texts: Iterable[str], index: int, val_share: float, seed: int) -> Iterator[tuple[str, str]]:
     """Each text's split from a hash of (seed, source, document number): fixed, whatever else is read."""
     for n, text in enumerate(texts):
-        digest = hashlib.blake2b(f"{seed}:{index}:{n}".encode(), digest_size=8).digest()
-        yield (VAL if int.from_bytes(digest, "big") / 2**64 < val_share else TRAIN), text
+        yield (VAL if held_out(f"{seed}:{index}:{n}", val_share) else TRAIN), text
+
+
+def held_out(key: str, share: float) -> bool:
+    """Whether the record named by `key` is held out: a seeded hash below `share`, fixed whatever else is read."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < share
 
 
 def _check_source(index: int, cfg: SourceConfig, root: Path, world: World | None) -> str:
@@ -196,7 +201,7 @@ def _check_source(index: int, cfg: SourceConfig, root: Path, world: World | None
 
 def _hf_texts(index: int, cfg: SourceConfig, split_key: str) -> Iterator[str]:
     """The texts of one split of a hub dataset, streamed."""
-    datasets = _datasets()
+    datasets = quiet_datasets()
     split = getattr(cfg, split_key)
     what = f"{cfg.path}{' ' + cfg.name if cfg.name else ''} split {split!r}"
     return _record_texts(
@@ -206,7 +211,7 @@ def _hf_texts(index: int, cfg: SourceConfig, split_key: str) -> Iterator[str]:
         open_fix=f"check data.sources[{index}].path, name, {split_key} and revision, and that the network is up")
 
 
-def _datasets():
+def quiet_datasets():
     """datasets, imported only when a source needs it (a second the world-only default does without), and
     quiet: its own log lines about a file it cannot read would precede our one `error:` line."""
     import datasets
@@ -244,10 +249,10 @@ def _file_texts(index: int, cfg: SourceConfig, path: Path) -> Iterator[str]:
         return _txt_texts(index, cfg, path)
 
     def load():
-        datasets = _datasets()
+        datasets = quiet_datasets()
         # datasets cannot stream an empty file (jsonl: StopIteration, parquet: "BatchSize must be greater
         # than 0"); an empty file is just one without records
-        if path.stat().st_size == 0 or (builder == "parquet" and _parquet_rows(path) == 0):
+        if path.stat().st_size == 0 or (builder == "parquet" and parquet_rows(path) == 0):
             return []
         return datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True)
 
@@ -255,7 +260,7 @@ def _file_texts(index: int, cfg: SourceConfig, path: Path) -> Iterator[str]:
                          open_fix="fix or remove the file")
 
 
-def _parquet_rows(path: Path) -> int:
+def parquet_rows(path: Path) -> int:
     import pyarrow.parquet as pq
 
     return pq.ParquetFile(path).metadata.num_rows
@@ -278,14 +283,14 @@ def _record_texts(load: Callable[[], Iterable[dict]], index: int, text_field: st
     try:
         records = iter(load())
     except Exception as e:  # noqa: BLE001 - loaders raise anything (no network, no such dataset, not parquet)
-        raise ConfigError(f"{open_key}: cannot open {what} ({_one_line(e)}); {open_fix}") from None
+        raise ConfigError(f"{open_key}: cannot open {what} ({one_line(e)}); {open_fix}") from None
     for n in itertools.count(1):
         try:
             record = next(records)
         except StopIteration:
             return
         except Exception as e:  # noqa: BLE001 - a damaged file or a dropped connection, as any type
-            raise ConfigError(f"{open_key}: cannot read {what} at record {n} ({_one_line(e)}); {open_fix}") from None
+            raise ConfigError(f"{open_key}: cannot read {what} at record {n} ({one_line(e)}); {open_fix}") from None
         text = _text_of(record, n, index, text_field, what)
         if text:  # an empty text is no document
             yield text
@@ -304,7 +309,7 @@ def _text_of(record: dict, n: int, index: int, field: str, what: str) -> str:
     return text
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
     """An exception as one bounded line: loaders raise multi-line and very long messages."""
     lines = str(e).strip().splitlines()
     first = lines[0] if lines else ""

@@ -1,0 +1,39 @@
+"""ref_logps: the sft model's summed response log-probs of every preference pair, once (see gptlab.ref_logps).
+
+One process scores every pair (a forward pass each, no gradients); others exit at once.
+"""
+from __future__ import annotations
+
+import torch
+
+from gptlab import ref_logps
+from gptlab.data.finetune import preference_sets
+from gptlab.data.formats import encode_pairs
+from gptlab.evaluation import pair_logps
+from gptlab.stage import announce, inherit, run, start
+
+
+def main() -> None:
+    params, accelerator = start("ref_logps")
+    if not accelerator.is_main_process:
+        return
+    cfg = params.dpo
+    ref, sft_meta, tok = inherit("sft", accelerator.device)
+    ref.requires_grad_(False).eval()
+    sets = preference_sets(cfg.data, params.seed)
+    T = ref.config.block_size
+    where = f"dpo.data ({sets.source})"
+    encoded = {"train": encode_pairs(tok, sets.train, T, cfg.max_prompt_tokens, where),
+               "heldout": encode_pairs(tok, sets.heldout, T, cfg.max_prompt_tokens, f"{where}, held out")}
+    logps = {}
+    with torch.no_grad(), accelerator.autocast():
+        for name, enc in encoded.items():
+            logps[name] = pair_logps(ref, enc.items, cfg.micro_batch_size, tok.eot_id)
+    fingerprints = {name: ref_logps.pairs_fingerprint(enc.items) for name, enc in encoded.items()}
+    ref_logps.write(logps, sft_meta["weights"]["sha256"], fingerprints)
+    announce(accelerator, "ref_logps", {"data": sets.source, **{name: enc.describe() for name, enc in encoded.items()},
+                                        "mean chosen logp": f"{logps['train'][0].mean():.3f}"})
+
+
+if __name__ == "__main__":
+    run(main)
