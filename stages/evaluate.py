@@ -1,7 +1,11 @@
 """evaluate: measure the pretrain, sft and dpo checkpoints on the same held-out sets.
 
 Writes metrics/evaluate/metrics.json keyed by model (so `dvc metrics show` reads as a table) and
-metrics/evaluate/samples.md with fixed-prompt samples from each model.
+metrics/evaluate/samples.md with fixed-prompt samples from each model. Per model, results first: exact match,
+preference and reward accuracy (each with its binomial standard error, `_stderr`), multiple choice under both
+conventions (mc_lmeval, mc_llmc; see gptlab.evaluation), then the val-shard figures, and the SHA-256 of the
+weights scored (checked against meta.json on load). Figures are rounded to 4 decimals, so `dvc metrics diff`
+reads as a clean table.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from gptlab.data.formats import Conversation, Message, Pair, encode_pairs, forma
 from gptlab.data.loader import Windows
 from gptlab.data.records import INFO_FIELDS, read_mc, read_prefs, read_questions
 from gptlab.data.world import answer_matches, style_of
-from gptlab.evaluation import greedy_answers, multiple_choice, pair_logps, shard_loss
+from gptlab.evaluation import greedy_answers, multiple_choice_conventions, pair_logps, share, token_metrics
 from gptlab.fileio import atomic_write_json, atomic_write_text, read_json
 from gptlab.sampling import generate
 from gptlab.stage import announce, read_split, run, start
@@ -33,18 +37,24 @@ def answer_metrics(model, tok, questions: list[dict], max_new_tokens: int) -> tu
     answers = greedy_answers(model, tok, [q["question"] for q in questions], max_new_tokens)
     exact = [answer_matches(a, q["answer"], q["candidates"]) for a, q in zip(answers, questions)]
     preferred = [style_of(a) == "preferred" for a in answers]
-    return {"exact_match": sum(exact) / len(exact), "preferred_style": sum(preferred) / len(preferred)}, answers
+    return {**share(sum(exact), len(exact), "exact_match"), "preferred_style": sum(preferred) / len(preferred)}, answers
 
 
 def preference_metrics(model, pairs, ref_logps, micro_batch_size: int, pad_id: int, beta: float) -> dict:
     """Share of held-out pairs where the chosen response is more likely; with a reference also the share
     where the implicit reward beta*(logp - ref_logp) of chosen beats rejected (the policy's own preference)."""
     chosen, rejected = pair_logps(model, pairs, micro_batch_size, pad_id)
-    out = {"pref_acc": (chosen > rejected).float().mean().item()}
+    out = share(int((chosen > rejected).sum()), len(pairs), "pref_acc")
     if ref_logps is not None:
         margin = beta * ((chosen - ref_logps[0]) - (rejected - ref_logps[1]))
-        out["reward_acc"] = (margin > 0).float().mean().item()
+        out |= {**share(int((margin > 0).sum()), len(pairs), "reward_acc"), "reward_margin": margin.mean().item()}
     return out
+
+
+def rounded(metrics: dict) -> dict:
+    """4 decimals: what a `dvc metrics diff` reader can use (the stderrs are larger than that)."""
+    return {k: rounded(v) if isinstance(v, dict) else round(v, 4) if isinstance(v, float) else v
+            for k, v in metrics.items()}
 
 
 def samples(model, tok, prompts: list[str], ecfg, seed: int) -> list[str]:
@@ -75,24 +85,24 @@ def main() -> None:
     checkpoints = {name: (*load_checkpoint(paths.checkpoint_dir(name), device),
                           checkpoint_tokenizer(paths.checkpoint_dir(name))) for name in MODELS}  # all checked first
     ref_logps = None
-    for name, (model, _, mtok) in checkpoints.items():
+    for name, (model, meta, mtok) in checkpoints.items():
         model.eval()
         T = model.config.block_size
         pairs = encode_pairs(mtok, [Pair(Conversation("question", (Message("user", r["question"]),)), r["chosen"],
                                          r["rejected"]) for r in heldout_pairs], T, 0, str(paths.PREFS_HELDOUT)).items
-        m = {}
-        if mtok.fingerprint == tok.fingerprint:  # the val shard's ids mean something to this model only then
-            val_loss = shard_loss(model, Windows(val, T), ecfg.val_batches, ecfg.micro_batch_size)
-            m = {"val_loss": val_loss, "perplexity": math.exp(val_loss)}
-        m |= multiple_choice(model, mtok, mc_items, ecfg.micro_batch_size)
         scores, answers = answer_metrics(model, mtok, questions, ecfg.max_new_tokens)
-        m |= scores
+        m = dict(scores)
         beta = params.dpo.beta
         m |= preference_metrics(model, pairs, ref_logps if name == "dpo" else None, ecfg.micro_batch_size, mtok.eot_id, beta)
         if name == "sft":  # the sft model is the dpo model's reference
             ref_logps = pair_logps(model, pairs, ecfg.micro_batch_size, mtok.eot_id)
+        m |= multiple_choice_conventions(model, mtok, mc_items, ecfg.micro_batch_size)
+        if mtok.fingerprint == tok.fingerprint:  # the val shard's ids mean something to this model only then
+            m |= token_metrics(model, Windows(val, T), ecfg.val_batches, ecfg.micro_batch_size, mtok.token_bytes())
+        m["weights_sha256"] = meta["weights"]["sha256"]  # load_checkpoint checked the file against it
+        m = rounded(m)
         metrics[name] = m
-        announce(accelerator, f"evaluate {name}", {k: f"{v:.4f}" for k, v in m.items()})
+        announce(accelerator, f"evaluate {name}", {k: v for k, v in m.items() if not k.endswith("_stderr")})
         report += [f"## {name}", "", "Greedy answers to held-out questions (gold answer in brackets):", ""]
         report += [f"- {q['question']} [{q['answer']}] →{a}" for q, a in zip(questions[:N_SHOWN], answers)]
         report += ["", "Samples:", ""]

@@ -27,6 +27,9 @@ def test_repro_writes_every_output_and_metric(tiny_project):
         assert meta["stage"] == stage and meta["step"] == 4 and meta["model"]["n_embd"] == 32
         live = json.loads((p / "metrics" / stage / "metrics.json").read_text())
         assert live["step"] == 4 and "val_loss" in live and "loss" in live
+        # results only: timings and the lr are in the plots, not in what `dvc metrics diff` compares
+        assert not {"lr", "tokens_per_sec", "ms_per_step"} & set(live)
+        assert (p / "metrics" / stage / "plots" / "metrics" / "tokens_per_sec.tsv").exists()
         assert (p / "metrics" / stage / "plots" / "metrics" / "loss.tsv").exists()
     dpo_live = json.loads((p / "metrics" / "dpo" / "metrics.json").read_text())
     assert {"chosen", "rejected", "accuracies", "margins"} <= set(dpo_live["rewards"])
@@ -35,10 +38,16 @@ def test_repro_writes_every_output_and_metric(tiny_project):
     ev = json.loads((p / "metrics" / "evaluate" / "metrics.json").read_text())
     for stage in MODELS:
         m = ev[stage]
-        for key in ("val_loss", "perplexity", "acc", "acc_norm", "exact_match", "preferred_style", "pref_acc"):
+        for key in ("val_loss", "perplexity", "bits_per_byte", "top1_acc", "top5_acc", "exact_match",
+                    "exact_match_stderr", "preferred_style", "pref_acc", "pref_acc_stderr"):
             assert key in m, (stage, key)
-        assert 0 <= m["acc"] <= 1 and 0 <= m["exact_match"] <= 1 and m["perplexity"] > 1
-    assert "reward_acc" in ev["dpo"] and "reward_acc" not in ev["sft"]
+        for convention in ("mc_lmeval", "mc_llmc"):
+            assert set(m[convention]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
+            assert 0 <= m[convention]["acc"] <= 1
+        assert 0 <= m["exact_match"] <= 1 and m["perplexity"] > 1 and m["top1_acc"] <= m["top5_acc"]
+        # the weights scored are the checkpoint's
+        assert m["weights_sha256"] == json.loads((p / "checkpoints" / stage / "meta.json").read_text())["weights"]["sha256"]
+    assert "reward_acc" in ev["dpo"] and "reward_margin" in ev["dpo"] and "reward_acc" not in ev["sft"]
     assert 0 < ev["data"]["entropy_floor"] < ev["data"]["ln_vocab"]
     samples = (p / "metrics" / "evaluate" / "samples.md").read_text()
     assert all(f"## {stage}" in samples for stage in MODELS)

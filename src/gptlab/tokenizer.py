@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 import tiktoken
 import tiktoken.load
 
@@ -59,6 +60,10 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each id stands for (0 for EOT, which stands for no text): for bits per byte."""
+        raise NotImplementedError
 
     def _definition(self) -> dict:
         """Everything that determines the ids; hashed into the fingerprint and saved to tokenizer.json."""
@@ -107,6 +112,12 @@ class TiktokenTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self.encoding.decode(list(ids))
 
+    def token_bytes(self) -> np.ndarray:
+        out = np.zeros(self.n_vocab, dtype=np.int64)
+        for piece, rank in self.ranks.items():
+            out[rank] = len(piece)
+        return out
+
     def _definition(self) -> dict:
         return {"kind": self.kind, "pattern": self.pattern, "n_ranks": len(self.ranks)}
 
@@ -128,6 +139,9 @@ class CharTokenizer(Tokenizer):
         self.index = {c: i for i, c in enumerate(chars)}
         self.eot_id = len(chars)
         self.n_vocab = len(chars) + 1
+
+    def token_bytes(self) -> np.ndarray:
+        return np.array([len(c.encode()) for c in self.chars] + [0], dtype=np.int64)
 
     def encode(self, text: str) -> list[int]:
         try:

@@ -94,12 +94,19 @@ def open_live(stage_metrics_dir: Path, accelerator: Accelerator, resume: bool):
     return Live(dir=str(stage_metrics_dir), dvcyaml=False, save_dvc_exp=False, resume=resume)
 
 
+# Logged per step into the plots, kept out of metrics.json: they change from run to run (timings) or are set by
+# params (lr), so in `dvc metrics diff` and `dvc exp show` they would only bury the results.
+PLOTS_ONLY = ("lr", "tokens_per_sec", "ms_per_step")
+
+
 def log_to_live(live, step: int, metrics: dict[str, float]) -> None:
     if live is None:
         return
     live.step = step
     for k, v in metrics.items():
         live.log_metric(k, v)
+    for k in PLOTS_ONLY:
+        live.summary.pop(k, None)
     live.make_summary()
 
 
