@@ -1,6 +1,8 @@
-"""`gptlab generate` on a real checkpoint folder, and on damaged ones and bad options."""
+"""`gptlab generate` on a real checkpoint folder (streaming, stop strings, samples, stdin, a chat), and on damaged
+ones and bad options."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -11,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptlab import cli
+from gptlab import cli, sampling
 from gptlab.checkpoint import save_checkpoint
-from gptlab.cli import generate_text, main
+from gptlab.cli import Continuation, chat_prompt, generate_text, main
 from gptlab.config import TokenizerConfig
+from gptlab.data.formats import Message
 from gptlab.model import GPT, GPTConfig
 from gptlab.tokenizer import train_tokenizer
 
@@ -88,6 +91,8 @@ CONSOLE_CASES = {  # name: (damage to a fresh checkpoint folder, extra options, 
     "not-a-checkpoint": (lambda f: (f / "meta.json").unlink(), [], "not a checkpoint folder"),
     "missing-tokenizer": (lambda f: shutil.rmtree(f / "tokenizer"), [], "tokenizer"),
     "temperature-nan": (lambda f: None, ["--temperature", "nan"], "--temperature"),
+    "tokenizer-fingerprint": (edit_meta(lambda m: m["tokenizer"].update(fingerprint="0" * 16)), [], "fingerprint"),
+    "tokenizer-beyond-vocab": (edit_meta(lambda m: m["model"].update(vocab_size=4)), [], "the model has only 4"),
 }
 
 
@@ -127,6 +132,8 @@ def test_console_refuses_bad_input_with_one_line(console_runs, name):
 @pytest.mark.parametrize("option, value", [
     ("--temperature", "inf"), ("--temperature", "-0.5"), ("--temperature", "1e-300"), ("--top_p", "0"),
     ("--top_p", "nan"), ("--top_p", "1.5"), ("--top_k", "-1"), ("--max_tokens", "-1"), ("--seed", "-1"),
+    ("--repetition_penalty", "0"), ("--repetition_penalty", "nan"), ("--repetition_penalty", "-2"),
+    ("--num_samples", "0"), ("--stop", ""),
 ])
 def test_bad_options_are_refused_before_anything_is_loaded(tmp_path, capsys, option, value):
     assert main(["generate", str(tmp_path / "missing"), "--prompt", "x", option, value]) == 2
@@ -157,3 +164,108 @@ def test_a_programming_error_keeps_its_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "generate_text", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["generate", str(tmp_path), "--prompt", "x"])
+
+
+# --- streaming, stop strings, samples, stdin, chat ------------------------------------------------------------
+
+def test_greedy_is_the_same_with_and_without_the_cache(tmp_path):
+    make_checkpoint(tmp_path)
+    runs = [generate_text(str(tmp_path), "abc", 80, 0.0, 50, 0.9, 0, use_cache=c) for c in (True, False)]
+    assert runs[0] == runs[1]  # 80 new tokens: past the 64-token block
+
+
+def test_the_text_streams_out_piece_by_piece(tmp_path):
+    make_checkpoint(tmp_path)
+    pieces = []
+    out = generate_text(str(tmp_path), "abc", 20, 1.0, 0, 1.0, 3, write=pieces.append)
+    assert "".join(pieces) == out and pieces[0] == "abc" and len([p for p in pieces if p]) > 3
+
+
+def test_stop_strings_end_a_sample_and_are_cut(tmp_path):
+    make_checkpoint(tmp_path)
+    full = generate_text(str(tmp_path), "abc", 40, 1.0, 0, 1.0, 5)[3:]
+    stop = full[10:12]
+    cut = full[: full.index(stop)]
+    pieces = []
+    assert generate_text(str(tmp_path), "abc", 40, 1.0, 0, 1.0, 5, stop=("zzz", stop), write=pieces.append) == "abc" + cut
+    assert "".join(pieces) == "abc" + cut
+
+
+def test_num_samples_are_different_and_reproducible(tmp_path, capsys):
+    make_checkpoint(tmp_path)
+    assert main(["generate", str(tmp_path), "--prompt", "ab", "--num_samples", "3", "--temperature", "1",
+                 "--top_k", "0", "--top_p", "1", "--max_tokens", "20", "--seed", "4"]) == 0
+    out = capsys.readouterr().out
+    assert generate_text(str(tmp_path), "ab", 20, 1.0, 0, 1.0, 4, num_samples=3) + "\n" == out
+    blocks = out.split("--- sample ")[1:]
+    assert [b.split(" ---\n")[0] for b in blocks] == ["1", "2", "3"]
+    samples = {b.split(" ---\n", 1)[1].rstrip("\n") for b in blocks}
+    assert len(samples) == 3 and all(s.startswith("ab") for s in samples)
+
+
+def test_the_prompt_can_come_on_stdin(tmp_path, capsys, monkeypatch):
+    make_checkpoint(tmp_path)
+    monkeypatch.setattr("sys.stdin", io.StringIO("abc\n"))
+    assert main(["generate", str(tmp_path), "--max_tokens", "8", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == generate_text(str(tmp_path), "abc", 8, 0.0, 50, 0.9, 0) + "\n"
+
+
+class Terminal(io.StringIO):
+    """Typed lines, as stdin on a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_chat_goes_turn_by_turn_in_the_template(tmp_path, capsys, monkeypatch):
+    tok = make_checkpoint(tmp_path, {"stage": "sft", "template": "question"})
+    prompts = []
+    real_stream = sampling.stream
+
+    def recording(model, rows, *args, **kwargs):
+        prompts.append(rows[0])
+        return real_stream(model, rows, *args, **kwargs)
+
+    monkeypatch.setattr(sampling, "stream", recording)
+    monkeypatch.setattr("sys.stdin", Terminal("abc\nZZ\nbad\n\nnever read\n"))
+    assert main(["generate", str(tmp_path), "--chat", "--temperature", "0", "--max_tokens", "6"]) == 0
+    out, err = capsys.readouterr()
+    assert len(prompts) == 2  # "ZZ" cannot be encoded: refused, and the talk goes on; the empty line ends it
+    assert err.startswith("error: char tokenizer: character 'Z'") and len(err.splitlines()) == 1
+    first = tok.decode(prompts[0])
+    assert first == "Question: abc\nAnswer:"
+    answer = out.split("> ")[1].removesuffix("\n")
+    assert answer and out == f"> {answer}\n> > {out.split('> ')[3]}> \n"
+    said = (Message("user", "abc"), Message("assistant", answer), Message("user", "bad"))
+    ids, text = chat_prompt(tok, "question", said)
+    assert prompts[1] == ids and text.startswith(first + answer) and text.endswith("Question: bad\nAnswer:")
+
+
+def test_no_prompt_on_a_terminal_needs_chat(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", Terminal(""))
+    assert main(["generate", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: --prompt: give the prompt")
+    assert main(["generate", str(tmp_path), "--chat", "--num_samples", "2"]) == 2
+    assert capsys.readouterr().err.startswith("error: --num_samples: ")
+
+
+class ByteTokenizer:
+    """One id per UTF-8 byte, as a BPE tokenizer may split a character."""
+
+    eot_id = 256
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_streaming_never_splits_a_character_or_shows_a_stop_string():
+    row = Continuation(ByteTokenizer(), ("\n\n",))
+    pieces = []
+    for b in "aé€\nb\n\nc".encode():
+        row.add(b)
+        pieces.append(row.fresh())
+        if row.done:
+            break
+    assert "".join(pieces) == row.text == "aé€\nb" and "\ufffd" not in "".join(pieces)
+    assert pieces[:6] == ["a", "", "é", "", "", "€"]  # the held-back newline comes out with the "b" after it
+    assert "\nb" in pieces

@@ -251,3 +251,28 @@ def test_a_killed_exports_temp_folder_is_cleared(small, tmp_path):
     assert not dead.exists() and (tmp_path / "out" / "config.json").is_file()
     export_hf(small, tmp_path / "new" / "parents" / "out")  # missing parent folders are made
     assert (tmp_path / "new" / "parents" / "out" / "model.safetensors").is_file()
+
+
+def test_the_command_line_exports_and_refuses_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "ck"
+    _cli_checkpoint(ckpt)
+    run = [sys.executable, "-m", "gptlab.cli", "export-hf", str(ckpt), str(tmp_path / "out")]
+    ok = subprocess.run(run, capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.startswith(f"wrote {tmp_path / 'out'}") and "model.safetensors" in ok.stdout
+    again = subprocess.run(run, capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr.startswith("error: ") and "--overwrite" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+
+
+def _cli_checkpoint(path):
+    import torch
+
+    from gptlab.checkpoint import save_checkpoint
+    from gptlab.model import GPT, GPTConfig
+    from gptlab.tokenizer import gpt2_tokenizer
+
+    torch.manual_seed(0)
+    save_checkpoint(path, GPT(GPTConfig(1, 2, 16, 32, 50304)), {"stage": "t"}, gpt2_tokenizer())

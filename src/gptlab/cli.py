@@ -1,14 +1,22 @@
 """`gptlab` command line.
 
-    gptlab generate CHECKPOINT --prompt TEXT [--chat] [--max_tokens 200] [--temperature 0.8] [--top_k 50] [--top_p 0.9]
+    gptlab generate CHECKPOINT [--prompt TEXT] [--chat] [--max_tokens 200] [--temperature 0.8] [--top_k 50]
+                    [--top_p 0.9] [--repetition_penalty 1.0] [--num_samples 1] [--seed 0] [--stop STR ...]
+                    [--no_cache]
     gptlab show-example {sft,dpo} [--index 0] [--heldout] [--tokens]
                                                      (one training example with its loss tokens marked)
+    gptlab export-hf CHECKPOINT OUT_DIR [--overwrite]  (a transformers GPT2LMHeadModel folder; see gptlab.export_hf)
     gptlab run STAGE [accelerate launch options]     (how dvc.yaml starts each stage; see gptlab.launch)
     gptlab plan [--preset NAME] [--gpus 1] [--peak_tflops 989] [--mfu 0.4] [--micro_batch_size B] [--json]
                                                      (what pretraining will cost; see gptlab.plan)
 
-temperature 0 is greedy. --chat renders the prompt as a user turn in the template the checkpoint was fine-tuned
-with (meta.json's "template"; see gptlab.data.formats), so the model answers as it learned to.
+generate: temperature 0 is greedy. Without --prompt the prompt is read from stdin (one trailing newline
+dropped). The text streams out as it is made; --num_samples N draws N samples of the prompt together and prints
+each whole after a `--- sample i ---` line. A sample ends at end-of-text, after --max_tokens, or where its text
+first contains a --stop string (cut off). --chat renders the prompt as a user turn in the template the
+checkpoint was fine-tuned with (meta.json's "template"; see gptlab.data.formats), so the model answers as it
+learned to; with no --prompt and stdin a terminal it holds a conversation: a line from you, the answer, and so
+on, each turn rendered with everything said before, until an empty line or end of input.
 Bad input (an option out of range, a damaged checkpoint, a prompt the tokenizer cannot encode) ends with one
 `error: ...` line and exit code 2; Ctrl-C with `error: interrupted` and 130.
 """
@@ -16,6 +24,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from contextlib import closing
+from dataclasses import dataclass
 
 # Only light imports up here: torch takes seconds to import, and a Ctrl-C meanwhile must still end with
 # main's one line rather than a traceback, so the functions below import the heavy modules themselves.
@@ -23,26 +34,52 @@ from gptlab.config import GptlabError
 
 # generate()'s argument names -> this command's options
 OPTIONS = {"max_new_tokens": "--max_tokens", "temperature": "--temperature", "top_k": "--top_k",
-           "top_p": "--top_p"}
+           "top_p": "--top_p", "repetition_penalty": "--repetition_penalty"}
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+CHAT_CUE = "> "  # what the conversation loop writes before it reads your line
+Write = Callable[[str], None]
 
 
 class UsageError(GptlabError):
     """A command-line option that cannot work; the message names the option."""
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How `gptlab generate` samples (its options, as check_options accepts them)."""
+
+    max_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    num_samples: int = 1
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    use_cache: bool = True
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> Sampling:
+        return cls(args.max_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
+                   args.num_samples, args.seed, tuple(args.stop or ()), not args.no_cache)
+
+
 def generate_text(checkpoint: str, prompt: str, max_tokens: int, temperature: float, top_k: int, top_p: float,
-                  seed: int, chat: bool = False) -> str:
+                  seed: int, chat: bool = False, *, repetition_penalty: float = 1.0, num_samples: int = 1,
+                  stop: tuple[str, ...] = (), use_cache: bool = True, write: Write | None = None) -> str:
+    """The prompt's text (with --chat: rendered in the template) and its continuation; with num_samples > 1,
+    every sample so, each after a `--- sample i ---` line. write, if given, gets the same text as it is made."""
     import torch
 
     from gptlab.checkpoint import checkpoint_tokenizer, load_checkpoint, read_meta
-    from gptlab.sampling import generate
+    from gptlab.data.formats import Message
     from gptlab.tokenizer import TokenizerError
 
+    s = Sampling(max_tokens, temperature, top_k, top_p, repetition_penalty, num_samples, seed, tuple(stop), use_cache)
     tok = checkpoint_tokenizer(checkpoint)  # before the model: a prompt it cannot encode fails fast
     try:
         if chat:
-            ids, text = chat_prompt(tok, read_meta(checkpoint), checkpoint, prompt)
+            ids, text = chat_prompt(tok, chat_template(read_meta(checkpoint), checkpoint), (Message("user", prompt),))
         else:
             text = prompt
             ids = tok.encode(text) or [tok.eot_id]  # an empty prompt starts from end-of-text, like a new document
@@ -50,21 +87,129 @@ def generate_text(checkpoint: str, prompt: str, max_tokens: int, temperature: fl
         raise UsageError(f"--prompt: {e}") from None
     model, _ = load_checkpoint(checkpoint)
     gen = torch.Generator().manual_seed(seed)
-    out = generate(model, [ids], max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   stop_id=tok.eot_id, generator=gen, n_vocab=tok.n_vocab)[0]
-    return text + tok.decode(out)
+    write = write or (lambda piece: None)
+    if num_samples == 1:
+        write(text)
+        return text + sample_texts(model, tok, ids, s, gen, write)[0]
+    samples = sample_texts(model, tok, ids, s, gen)  # no streaming: each sample is printed whole
+    out = "\n".join(f"--- sample {i + 1} ---\n{text}{new}" for i, new in enumerate(samples))
+    write(out)
+    return out
 
 
-def chat_prompt(tok, meta: dict, checkpoint: str, prompt: str) -> tuple[list[int], str]:
-    """The prompt as one user turn in the checkpoint's template: (ids, the text they decode to)."""
-    from gptlab.data.formats import Message, encode_segments, prompt_for_generation
-
+def chat_template(meta: dict, checkpoint: str) -> str:
     template = meta.get("template")
     if template is None:
         raise UsageError(f"--chat: {checkpoint} was not fine-tuned (its meta.json names no template); "
                          "use an sft or dpo checkpoint, or leave out --chat")
-    ids = encode_segments(tok, prompt_for_generation(template, (Message("user", prompt),))).ids.tolist()
+    return template
+
+
+def chat_prompt(tok, template: str, messages: tuple) -> tuple[list[int], str]:
+    """The conversation so far (Messages, the last one the user's) in the template, ending with the cue the
+    answer follows, exactly as training renders it: (ids, the text they decode to)."""
+    from gptlab.data.formats import encode_segments, prompt_for_generation
+
+    ids = encode_segments(tok, prompt_for_generation(template, messages)).ids.tolist()
     return ids, tok.decode(ids)
+
+
+def chat_loop(checkpoint: str, s: Sampling, read: Callable[[], str], write: Write) -> None:
+    """A conversation: read a line, answer it in the checkpoint's template with everything said before, repeat
+    until an empty line or end of input. A line the tokenizer cannot encode is refused and the talk goes on."""
+    import torch
+
+    from gptlab.checkpoint import checkpoint_tokenizer, load_checkpoint, read_meta
+    from gptlab.data.formats import Message
+    from gptlab.tokenizer import TokenizerError
+
+    tok = checkpoint_tokenizer(checkpoint)
+    template = chat_template(read_meta(checkpoint), checkpoint)
+    model, _ = load_checkpoint(checkpoint)
+    gen = torch.Generator().manual_seed(s.seed)
+    said: tuple = ()
+    while True:
+        write(CHAT_CUE)
+        line = read().rstrip("\r\n")
+        if not line:  # an empty line, or end of input ("")
+            write("\n")
+            return
+        asked = said + (Message("user", line),)
+        try:
+            ids, _ = chat_prompt(tok, template, asked)
+        except TokenizerError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        answer = sample_texts(model, tok, ids, s, gen, write)[0]
+        write("\n")
+        said = asked + (Message("assistant", answer_content(template, answer)),)
+
+
+def answer_content(template: str, answer: str) -> str:
+    """The message whose rendering is the answer's text: the chat template writes an assistant message as
+    " " + content (gptlab.data.formats), the others as the content itself."""
+    return answer[1:] if template == "chat" and answer.startswith(" ") else answer
+
+
+class Continuation:
+    """One sample's text as its tokens arrive. It ends at end-of-text or where the text first contains a stop
+    string (cut there); `fresh` hands out the text not yet written that can no longer change."""
+
+    def __init__(self, tok, stop: tuple[str, ...]):
+        self.tok, self.stop = tok, stop
+        self.ids: list[int] = []
+        self.text = ""
+        self.done = False
+        self.shown = 0  # characters handed out so far
+
+    def add(self, token: int) -> None:
+        if token == self.tok.eot_id:
+            self.done = True
+            return
+        self.ids.append(token)
+        # the whole row again: a character's bytes may be split across tokens, and only the whole decodes right
+        self.text = self.tok.decode(self.ids)
+        hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.done = self.text[:min(hits)], True
+
+    def fresh(self) -> str:
+        end = len(self.text)
+        if not self.done:
+            end = len(self.text.rstrip("\ufffd"))  # a character whose last bytes have not come yet
+            end -= _stop_start(self.text[:end], self.stop)  # may still become a stop string
+        piece = self.text[self.shown:end]
+        self.shown = max(self.shown, end)
+        return piece
+
+
+def _stop_start(text: str, stop: tuple[str, ...]) -> int:
+    """Length of the longest end of text that is the beginning of a stop string."""
+    return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+def sample_texts(model, tok, ids: list[int], s: Sampling, gen, write: Write | None = None) -> list[str]:
+    """s.num_samples continuations of ids, decoded together; with one, write gets its text as it is made."""
+    from gptlab.sampling import stream
+
+    rows = [Continuation(tok, s.stop) for _ in range(s.num_samples)]
+    steps = stream(model, [ids] * s.num_samples, s.max_tokens, temperature=s.temperature, top_k=s.top_k,
+                   top_p=s.top_p, repetition_penalty=s.repetition_penalty, generator=gen, n_vocab=tok.n_vocab,
+                   use_cache=s.use_cache)
+    with closing(steps):  # stops decoding (and restores the model's mode) as soon as every sample has ended
+        for step in steps:
+            for row, token in zip(rows, step.tolist()):
+                if not row.done:
+                    row.add(token)
+            if write is not None:
+                write(rows[0].fresh())
+            if all(row.done for row in rows):
+                break
+    for row in rows:
+        row.done = True  # out of tokens: what was held back is final
+    if write is not None:
+        write(rows[0].fresh())
+    return [row.text for row in rows]
 
 
 def show_text(args: argparse.Namespace) -> str:
@@ -80,31 +225,66 @@ def check_options(args: argparse.Namespace) -> None:
     from gptlab.sampling import SamplingArgError, check_sampling_args
 
     try:
-        check_sampling_args(args.max_tokens, args.temperature, args.top_k, args.top_p)
+        check_sampling_args(args.max_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     except SamplingArgError as e:
         raise UsageError(f"{OPTIONS[e.arg]}: {e.rule}, got {e.value}") from None
+    if not args.num_samples >= 1:
+        raise UsageError(f"--num_samples: must be at least 1, got {args.num_samples}")
     if not 0 <= args.seed < SEED_LIMIT:
         raise UsageError(f"--seed: must lie in 0..2**64-1, got {args.seed}")
+    if args.prompt is not None:
+        check_text(args.prompt, "--prompt")
+    for stop in args.stop or ():
+        if not stop:  # it would be found before the first token
+            raise UsageError("--stop: must not be empty")
+        check_text(stop, "--stop")
+
+
+def check_text(text: str, where: str) -> None:
     try:
-        args.prompt.encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8 arrive as lone surrogates
-        raise UsageError("--prompt: not valid UTF-8 text; pass the prompt in UTF-8") from None
+        raise UsageError(f"{where}: not valid UTF-8 text; pass it in UTF-8") from None
+
+
+def read_prompt(stdin) -> str:
+    """The prompt piped in on stdin, less one trailing newline (the one `echo` adds)."""
+    try:
+        text = stdin.read()
+    except UnicodeDecodeError:
+        raise UsageError("stdin: not valid UTF-8 text; pass the prompt in UTF-8") from None
+    check_text(text, "stdin")
+    return text.removesuffix("\n")
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    check_options(args)
+    s = Sampling.of(args)
+    if args.prompt is None and sys.stdin.isatty():
+        if not args.chat:
+            raise UsageError("--prompt: give the prompt with --prompt or on stdin (or talk turn by turn with --chat)")
+        if s.num_samples != 1:
+            raise UsageError(f"--num_samples: a --chat conversation takes one answer a turn, got {s.num_samples}")
+        chat_loop(args.checkpoint, s, sys.stdin.readline, write_out)
+        return
+    prompt = read_prompt(sys.stdin) if args.prompt is None else args.prompt
+    generate_text(args.checkpoint, prompt, s.max_tokens, s.temperature, s.top_k, s.top_p, s.seed, args.chat,
+                  repetition_penalty=s.repetition_penalty, num_samples=s.num_samples, stop=s.stop,
+                  use_cache=s.use_cache, write=write_out)
+    write_out("\n")
+
+
+def write_out(piece: str) -> None:
+    if piece:
+        sys.stdout.write(piece)
+        sys.stdout.flush()  # the text appears as it is made
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptlab", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="sample a continuation from a checkpoint folder")
-    g.add_argument("checkpoint", help="a checkpoint folder, e.g. checkpoints/dpo")
-    g.add_argument("--prompt", required=True, help="text to continue")
-    g.add_argument("--chat", action="store_true",
-                   help="render the prompt as a user turn in the template the checkpoint was fine-tuned with")
-    g.add_argument("--max_tokens", type=int, default=200, help="new tokens at most (default 200)")
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    g.add_argument("--top_k", type=int, default=50, help="keep the k most likely tokens; 0 = off (default 50)")
-    g.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling mass; 1 = off (default 0.9)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    add_generate_parser(sub)
     r = sub.add_parser("run", add_help=False,
                        help="run a pipeline stage as dvc.yaml does: STAGE [accelerate launch options]")
     r.add_argument("launch_args", nargs=argparse.REMAINDER)  # gptlab.launch parses them, accelerate's too
@@ -115,7 +295,44 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--heldout", action="store_true", help="from the held-out records instead of the training ones")
     e.add_argument("--tokens", action="store_true", help="one line per token (id, loss, text) instead of text")
     e.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+    x = sub.add_parser("export-hf", help="write a checkpoint as a transformers GPT2LMHeadModel folder")
+    x.add_argument("checkpoint", help="a checkpoint folder, e.g. checkpoints/dpo")
+    x.add_argument("out_dir", help="folder to create (transformers, lm-evaluation-harness and vLLM load it)")
+    x.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     return p
+
+
+def export_text(args: argparse.Namespace) -> str:
+    from gptlab.export_hf import export_hf
+
+    s = export_hf(args.checkpoint, args.out_dir, overwrite=args.overwrite)
+    missing = "" if s["tokenizer_exported"] else f" (no HF tokenizer for kind {s['tokenizer_kind']}: see its README.md)"
+    return f"wrote {s['out_dir']}: {', '.join(s['files'])}{missing}"
+
+
+def add_generate_parser(sub) -> None:
+    d = Sampling()
+    g = sub.add_parser("generate", help="sample a continuation from a checkpoint folder")
+    g.add_argument("checkpoint", help="a checkpoint folder, e.g. checkpoints/dpo")
+    g.add_argument("--prompt", default=None, help="text to continue (default: read from stdin)")
+    g.add_argument("--chat", action="store_true",
+                   help="render the prompt as a user turn in the template the checkpoint was fine-tuned with; "
+                        "without --prompt, on a terminal: a conversation, one line a turn")
+    g.add_argument("--max_tokens", type=int, default=d.max_tokens, help=f"new tokens at most (default {d.max_tokens})")
+    g.add_argument("--temperature", type=float, default=d.temperature, help=f"0 = greedy (default {d.temperature})")
+    g.add_argument("--top_k", type=int, default=d.top_k,
+                   help=f"keep the k most likely tokens; 0 = off (default {d.top_k})")
+    g.add_argument("--top_p", type=float, default=d.top_p, help=f"nucleus sampling mass; 1 = off (default {d.top_p})")
+    g.add_argument("--repetition_penalty", type=float, default=d.repetition_penalty,
+                   help="divide the positive logits of tokens already in the text by this, multiply the negative "
+                        "ones (CTRL's penalty, as in transformers); 1 = off (default 1)")
+    g.add_argument("--num_samples", type=int, default=d.num_samples,
+                   help="samples of the prompt, drawn together (default 1)")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"sampling seed (default {d.seed})")
+    g.add_argument("--stop", action="append", default=None, metavar="STR",
+                   help="end a sample where its text first contains STR, cut there (repeatable)")
+    g.add_argument("--no_cache", action="store_true",
+                   help="recompute every position at every step instead of keeping a KV cache (slow; same tokens)")
 
 
 def add_plan_parser(sub) -> None:
@@ -159,9 +376,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "show-example":
             print(show_text(args), end="")
             return 0
-        check_options(args)
-        print(generate_text(args.checkpoint, args.prompt, args.max_tokens, args.temperature, args.top_k,
-                            args.top_p, args.seed, args.chat))
+        if args.command == "export-hf":
+            print(export_text(args))
+            return 0
+        if args.command == "generate":
+            run_generate(args)
     except GptlabError as e:  # bad options, checkpoints and tokenizers; anything else is a bug: traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
