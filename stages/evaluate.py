@@ -33,6 +33,15 @@ def take(rows: list, n: int) -> list:
     return rows if n == 0 else rows[:n]
 
 
+def mc_source(ecfg) -> list[dict]:
+    """The world's multiple-choice items, or evaluate.mc_path's (e.g. Rowan/hellaswag's validation split)."""
+    if not ecfg.mc_path:
+        return read_mc(paths.MC_EVAL)
+    from gptlab.data.finetune import hub_mc_items
+
+    return hub_mc_items(ecfg.mc_path, ecfg.mc_name, ecfg.mc_split, ecfg.mc_revision)
+
+
 def answer_metrics(model, tok, questions: list[dict], max_new_tokens: int) -> tuple[dict, list[str]]:
     answers = greedy_answers(model, tok, [q["question"] for q in questions], max_new_tokens)
     exact = [answer_matches(a, q["answer"], q["candidates"]) for a, q in zip(answers, questions)]
@@ -73,7 +82,7 @@ def main() -> None:
     tok = load_tokenizer(paths.TOKENIZER)
     val = read_split("evaluate", "val", tok)
     questions = take(read_questions(paths.SFT_HELDOUT), ecfg.max_questions)
-    mc_items = take(read_mc(paths.MC_EVAL), ecfg.max_mc_items)
+    mc_items = take(mc_source(ecfg), ecfg.max_mc_items)
     heldout_pairs = read_prefs(paths.PREFS_HELDOUT)[0]
     prompts = [format_prompt(q["question"]) for q in questions[: ecfg.n_samples // 2]]
     prompts += [item["ctx"] for item in mc_items[: ecfg.n_samples - len(prompts)]]

@@ -110,3 +110,25 @@ def test_top1_and_top5_accuracy_count_the_targets_in_the_best_k():
 def test_binomial_stderr():
     assert binomial_stderr(50, 100) == pytest.approx(math.sqrt(0.25 / 99))
     assert binomial_stderr(0, 10) == 0.0 and math.isnan(binomial_stderr(1, 1))
+
+
+def test_hellaswag_items_through_the_hub_loading_code_on_a_local_copy(tmp_path):
+    """evaluate.mc_path goes through datasets.load_dataset(path, name, split, revision), as Rowan/hellaswag
+    would; a local folder laid out like that repo (labels as strings, as the hub stores them) runs offline."""
+    import json
+
+    from gptlab.config import GptlabError
+    from gptlab.data.finetune import hub_mc_items
+
+    repo = tmp_path / "hellaswag"
+    repo.mkdir()
+    rows = [{**{k: v for k, v in item.items()}, "ind": i, "split": "val"} for i, item in enumerate(ITEMS)]
+    (repo / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (repo / "test.jsonl").write_text("".join(json.dumps({**r, "label": ""}) + "\n" for r in rows))
+    items = hub_mc_items(str(repo), "", "validation", "")
+    assert [i["label"] for i in items] == [2, 1] and items[0]["activity_label"] == "Cooking"
+    tok = gpt2_tokenizer()
+    got = multiple_choice_conventions(Uniform(tok.n_vocab), tok, items, micro_batch_size=4)
+    assert got["mc_lmeval"]["acc"] == expected(tok, "lmeval")[0]
+    with pytest.raises(GptlabError, match=r"split test record 1: field 'label' is '', .*use the validation split"):
+        hub_mc_items(str(repo), "", "test", "")

@@ -340,8 +340,15 @@ class EvaluateConfig:
     temperature: float = 0.8  # sampling temperature for samples.md
     top_k: int = 50
     top_p: float = 0.9
+    # multiple-choice items in HellaSwag's schema: "" = the embedded world's; else a hub dataset (Rowan/hellaswag)
+    # or a local folder laid out like one, read through datasets.load_dataset
+    mc_path: str = ""
+    mc_name: str = ""  # hub config ("" = default)
+    mc_split: str = "validation"
+    mc_revision: str = ""  # hub commit to pin
 
     def check(self, where: str) -> None:
+        _require(bool(self.mc_split), f"{where}.mc_split", "name the split, e.g. validation")
         for key in ("max_new_tokens", "val_batches", "micro_batch_size"):
             _require(getattr(self, key) >= 1, f"{where}.{key}", "must be at least 1")
         for key in ("max_questions", "max_mc_items", "n_samples", "top_k"):

@@ -302,3 +302,40 @@ def _preference_messages(record: dict, where: str) -> Pair:
                               "share the conversation up to the answer")
     check_roles(shared, where, generating=True)
     return Pair(Conversation("chat", shared), chosen[-1].content, rejected[-1].content)
+
+
+# --- multiple-choice items for evaluate (HellaSwag's schema) ---------------------------------------------
+
+def hub_mc_items(path: str, name: str, split: str, revision: str, key: str = "evaluate.mc_path") -> list[dict]:
+    """HellaSwag-schema items from a hub dataset (or a local folder laid out like one): ctx (or ctx_a/ctx_b),
+    activity_label, endings, label (an int or a numeric string, as the hub's HellaSwag stores it)."""
+    what = f"{path}{' ' + name if name else ''} split {split}"
+
+    def load():
+        return quiet_datasets().load_dataset(path, name or None, split=split, revision=revision or None)
+
+    items = [_mc_item(record, where) for where, record in _records(load, what, key)]
+    if not items:
+        raise ConfigError(f"{key}: {what} holds no items; name a split with labelled items, e.g. validation")
+    return items
+
+
+def _mc_item(record: dict, where: str) -> dict:
+    endings = record.get("endings")
+    if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) for e in endings):
+        raise GptlabError(f"{where}: field 'endings' should be a list of at least 2 strings")
+    label = record.get("label")
+    if isinstance(label, str) and label.strip().isdigit():
+        label = int(label)
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(endings):
+        raise GptlabError(f"{where}: field 'label' is {label!r}, not an index into its {len(endings)} endings (a "
+                          "test split without labels cannot be scored: use the validation split)")
+    item = {k: record[k] for k in ("ctx_a", "ctx_b", "activity_label") if isinstance(record.get(k), str)}
+    if "ctx_a" in item and "ctx_b" in item and "activity_label" not in item:
+        item.pop("ctx_a"), item.pop("ctx_b")  # lm-eval's context needs all three
+    ctx = record.get("ctx") if isinstance(record.get("ctx"), str) else \
+        (f"{item['ctx_a']} {item['ctx_b']}".strip() if "ctx_a" in item else None)
+    if ctx is None:
+        raise GptlabError(f"{where}: field 'ctx' is missing (and no ctx_a/ctx_b to build it from)")
+    return {**item, "ctx": ctx, "endings": endings, "label": label}
+
