@@ -26,7 +26,6 @@ so it is not offered.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -36,7 +35,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from machine_facts import machine_facts
+from machine_facts import torch_machine, write_report
 from train_throughput import Quiet
 
 from gptlab.model import GPT, GPTConfig, to_hf_state_dict
@@ -135,13 +134,6 @@ def summarize(rounds: list[dict], batch: int, facts: dict) -> dict:
     return {**out, **facts, "rounds": rows}
 
 
-def machine(threads: int) -> dict:
-    import transformers
-
-    return machine_facts(torch_threads=threads, torch=torch.__version__, transformers=transformers.__version__,
-                         mkldnn=torch.backends.mkldnn.is_available(), cpu_capability=torch.backends.cpu.get_cpu_capability())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch.set_num_threads")
@@ -182,13 +174,11 @@ def main() -> None:
                      "rounds": args.rounds},
         "what_is_timed": "one whole generate call (prefill of the prompt, then one step per new token) per side "
                          "per round; tokens/s = batch x new tokens / its wall time",
-        "machine": machine(args.threads),
+        "machine": torch_machine(args.threads),
         "command": command,
     }
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {out}")
+        write_report(out, report)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import shlex
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine_facts import write_report
 
 from gptlab.config import TrainConfig
 from gptlab.losses import token_loss
@@ -212,9 +212,7 @@ def main() -> None:
     print(f"{name}: {tokens_per_s:,.0f} tok/s, {report['ms_per_step']} ms/step, MFU {mfu_text} "
           f"(batch {args.batch_size} x {config.block_size}, compile={args.compile}, loss {last_loss:.3f})")
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {out}")
+        write_report(out, report)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 sys.path, so the scripts import this module directly)."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -21,6 +22,21 @@ def machine_facts(**extra) -> dict:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpus": os.cpu_count(), "usable_cpus": usable, "cpu_model": model, "platform": platform.platform(),
             "python": platform.python_version(), **extra}
+
+
+def torch_machine(threads: int) -> dict:
+    """machine_facts plus what a torch benchmark depends on: versions, threads, MKL-DNN, the CPU's vector ISA."""
+    import torch
+    import transformers
+
+    return machine_facts(torch_threads=threads, torch=torch.__version__, transformers=transformers.__version__,
+                         mkldnn=torch.backends.mkldnn.is_available(), cpu_capability=torch.backends.cpu.get_cpu_capability())
+
+
+def write_report(out: Path, report: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 def busy_fraction(interval: float = 0.5) -> float:

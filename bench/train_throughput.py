@@ -42,7 +42,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from machine_facts import busy_fraction, machine_facts
+from machine_facts import busy_fraction, torch_machine, write_report
 
 from gptlab.config import TrainConfig
 from gptlab.losses import token_loss
@@ -223,13 +223,6 @@ def bench_config(name: str, spec: dict, args, peaks: list[dict]) -> dict:
     }
 
 
-def machine(threads: int) -> dict:
-    import transformers
-
-    return machine_facts(torch_threads=threads, torch=torch.__version__, transformers=transformers.__version__,
-                         mkldnn=torch.backends.mkldnn.is_available(), cpu_capability=torch.backends.cpu.get_cpu_capability())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch.set_num_threads")
@@ -269,13 +262,11 @@ def main() -> None:
         "peak_flops_by_matmul_size": {n: round(v) for n, v in by_size.items()},
         "what_is_timed": "forward, token_loss (cross-entropy), backward, clip_grad_norm_ 1.0, fused AdamW step, "
                          "zero_grad; random token ids, cycled over a few fixed batches",
-        "machine": machine(args.threads),
+        "machine": torch_machine(args.threads),
         "command": command,
     }
     if args.only is None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        write_report(args.out, report)
     else:
         print(json.dumps({k: {kk: v[kk] for kk in ("ratio_vs_hf", "ratio_paired", "ratio_best", "mfu")} for k, v in results.items()}))
 

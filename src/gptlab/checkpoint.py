@@ -35,7 +35,7 @@ import safetensors.torch
 import torch
 
 from gptlab.config import GptlabError
-from gptlab.fileio import check_fields, fsync, read_json
+from gptlab.fileio import check_fields, fsync, leftover_siblings, read_json, sibling
 from gptlab.model import GPT, GPTConfig
 from gptlab.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
@@ -74,7 +74,7 @@ def save_checkpoint(directory: str | Path, model: GPT, meta: dict, tok: Tokenize
     meta_text = json.dumps(record, indent=2) + "\n"  # before touching the disk: a bad meta fails here
     directory.parent.mkdir(parents=True, exist_ok=True)
     _recover(directory)
-    staging = _sibling(directory, "tmp")
+    staging = sibling(directory, "tmp")
     try:
         _write_folder(staging, weights, meta_text, tok)
         old = _swap_in(staging, directory)
@@ -121,7 +121,7 @@ def _swap_in(staging: Path, directory: Path) -> Path | None:
     if _exchange(staging, directory):
         _step()
         return staging
-    old = _sibling(directory, "old")
+    old = sibling(directory, "old")
     os.rename(directory, old)
     _step()
     try:
@@ -173,34 +173,6 @@ def _step() -> None:
 
 # --- clearing up after a killed save --------------------------------------------------------------------
 
-def _sibling(directory: Path, kind: str) -> Path:
-    """`.<name>.<kind>-<pid>` beside `directory`: this save's temp folder ("tmp") or the old one moved aside ("old")."""
-    return directory.with_name(f".{directory.name}.{kind}-{os.getpid()}")
-
-
-def _leftovers(directory: Path) -> Iterator[tuple[Path, str]]:
-    """(path, kind) of every `.<name>.tmp-<pid>` / `.<name>.old-<pid>` whose writing process is gone."""
-    prefix = f".{directory.name}."
-    for entry in directory.parent.iterdir():
-        kind, _, pid = entry.name.removeprefix(prefix).partition("-")
-        ours = entry.name.startswith(prefix) and kind in ("tmp", "old") and pid.isdigit()
-        if ours and not _alive(int(pid)):
-            yield entry, kind
-
-
-def _alive(pid: int) -> bool:
-    """Whether another process has this id. Our own id counts as gone: one save per folder at a time in a
-    process, and a leftover with our id is from an earlier process that had it (a restarted container)."""
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
 
 def _recover(directory: Path) -> None:
     """Undo what a killed save left: if it died between moving the old checkpoint aside and moving the new
@@ -208,7 +180,7 @@ def _recover(directory: Path) -> None:
     directory = Path(os.path.abspath(directory))  # "." has no name to build the siblings' from
     if not directory.parent.is_dir():
         return
-    leftovers = list(_leftovers(directory))
+    leftovers = leftover_siblings(directory)
     if not os.path.lexists(directory):
         complete = [p for p, kind in leftovers if kind == "old" and (p / META_FILE).is_file()]
         if complete:

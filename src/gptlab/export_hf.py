@@ -44,7 +44,7 @@ import torch
 
 from gptlab.checkpoint import TOKENIZER_DIR, WEIGHTS_FILE, checkpoint_tokenizer, load_checkpoint
 from gptlab.config import GptlabError
-from gptlab.fileio import fsync
+from gptlab.fileio import fsync, leftover_siblings, sibling
 from gptlab.model import GPT, LN_EPS, to_hf_state_dict
 from gptlab.tokenizer import (
     EOT,
@@ -78,7 +78,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = Fal
     model, meta = load_checkpoint(checkpoint)
     tok = checkpoint_tokenizer(checkpoint)
     files = _folder_files(model, meta, tok, checkpoint)
-    staging = _sibling(out, "tmp")
+    staging = sibling(out, "tmp")
     try:
         _write_folder(staging, files)
         _swap_in(staging, out)
@@ -336,7 +336,7 @@ def _swap_in(staging: Path, out: Path) -> None:
     if not out.is_dir() or not any(out.iterdir()):
         os.rename(staging, out)
     else:
-        old = _sibling(out, "old")
+        old = sibling(out, "old")
         os.rename(out, old)
         try:
             os.rename(staging, out)
@@ -347,22 +347,12 @@ def _swap_in(staging: Path, out: Path) -> None:
     fsync(out.parent)
 
 
-def _sibling(out: Path, kind: str) -> Path:
-    return out.with_name(f".{out.name}.{kind}-{os.getpid()}")
-
-
 def _clear_leftovers(out: Path) -> None:
     """What an export killed midway left beside `out`: its old folder goes back if `out` is gone, its temp
     folders are deleted. A live process's folders are left alone."""
     if not out.parent.is_dir():
         return
-    prefix = f".{out.name}."
-    leftovers = []
-    for entry in out.parent.iterdir():
-        kind, _, pid = entry.name.removeprefix(prefix).partition("-")
-        if entry.name.startswith(prefix) and kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
-            leftovers.append((entry, kind))
-    for entry, kind in leftovers:
+    for entry, kind in leftover_siblings(out):
         try:
             if kind == "old" and not os.path.lexists(out) and (entry / PROVENANCE_FILE).is_file():
                 os.rename(entry, out)
@@ -370,16 +360,3 @@ def _clear_leftovers(out: Path) -> None:
                 shutil.rmtree(entry)
         except OSError:
             pass  # a leftover we cannot clear (read-only parent) harms no export
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():  # one export per folder at a time in a process: ours is from an earlier process
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-

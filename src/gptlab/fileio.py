@@ -37,6 +37,41 @@ def atomic_path(path: str | Path):
             tmp.unlink()
 
 
+# --- folders replaced whole (checkpoints, data/shards, exports) ---------------------------------------------
+# A writer builds `.<name>.tmp-<pid>` beside the target and swaps it in, moving the old one aside as
+# `.<name>.old-<pid>`; the next writer clears what a killed one left.
+
+def sibling(target: Path, kind: str) -> Path:
+    """`.<name>.<kind>-<pid>` beside `target`: this process's temp folder ("tmp") or the old one moved aside ("old")."""
+    return target.with_name(f".{target.name}.{kind}-{os.getpid()}")
+
+
+def leftover_siblings(target: Path) -> list[tuple[Path, str]]:
+    """(path, kind) of every `.<name>.tmp-<pid>` / `.<name>.old-<pid>` beside `target` whose writer is gone,
+    in name order."""
+    prefix = f".{target.name}."
+    found = []
+    for entry in sorted(target.parent.iterdir()):
+        kind, _, pid = entry.name.removeprefix(prefix).partition("-")
+        if entry.name.startswith(prefix) and kind in ("tmp", "old") and pid.isdigit() and not writer_alive(int(pid)):
+            found.append((entry, kind))
+    return found
+
+
+def writer_alive(pid: int) -> bool:
+    """Whether another process has this id. Our own id counts as gone: one writer per folder at a time in a
+    process, and a leftover with our id is from an earlier process that had it (a restarted container)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def fsync(path: str | Path) -> None:
     """Flush a file or a folder to disk; a folder's fsync makes the names in it (renames) durable."""
     fd = os.open(path, os.O_RDONLY)

@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from gptlab.config import GptlabError
 from gptlab.data.shards import HEADER_BYTES, ShardError, shard_dtype, shard_header
-from gptlab.fileio import fsync
+from gptlab.fileio import fsync, leftover_siblings, sibling
 from gptlab.launch import die_with_parent
 from gptlab.tokenizer import EOT, TiktokenTokenizer, Tokenizer, load_tokenizer
 
@@ -95,7 +95,7 @@ def write_shards(docs: Iterable[Document], tokenizer_dir: Path, out_dir: Path, *
     out_dir = Path(os.path.abspath(out_dir))  # "." has no name to build the siblings' from
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _recover(out_dir)
-    staging = _sibling(out_dir, "tmp")
+    staging = sibling(out_dir, "tmp")
     pool = None
     try:
         staging.mkdir()
@@ -452,17 +452,13 @@ def _check_not_empty(writers: dict[str, _SplitWriter], out_dir: Path) -> None:
 
 # --- swapping the folder in, and clearing up after a killed run ---------------------------------------------
 
-def _sibling(directory: Path, kind: str) -> Path:
-    return directory.with_name(f".{directory.name}.{kind}-{os.getpid()}")
-
-
 def _swap_in(staging: Path, out_dir: Path) -> None:
     if not os.path.lexists(out_dir):
         os.rename(staging, out_dir)
         _step()
         fsync(out_dir.parent)
         return
-    old = _sibling(out_dir, "old")
+    old = sibling(out_dir, "old")
     os.rename(out_dir, old)
     _step()
     try:
@@ -479,12 +475,7 @@ def _swap_in(staging: Path, out_dir: Path) -> None:
 def _recover(out_dir: Path) -> None:
     """Undo what a killed run left: put the old folder back if it died between the two renames, then
     delete its temp and old folders. A live run's folders (its pid still exists) are left alone."""
-    prefix = f".{out_dir.name}."
-    leftovers = []
-    for entry in sorted(out_dir.parent.iterdir()):
-        kind, _, pid = entry.name.removeprefix(prefix).partition("-")
-        if entry.name.startswith(prefix) and kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
-            leftovers.append((entry, kind))
+    leftovers = leftover_siblings(out_dir)
     if not os.path.lexists(out_dir):
         old = [path for path, kind in leftovers if kind == "old"]
         if old:
@@ -493,19 +484,6 @@ def _recover(out_dir: Path) -> None:
             _step()
     for path, _ in leftovers:
         _remove(path)
-
-
-def _alive(pid: int) -> bool:
-    """Whether another process has this id (our own id counts as gone: a leftover of an earlier process)."""
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove(path: Path) -> None:
