@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from gptlab import paths
-from gptlab.config import preset_choices, preset_path
+from gptlab.checkpoint import META_FILE
+from gptlab.config import PIPELINE_MODELS, ConfigError, preset_choices, preset_path
 from gptlab.data.finetune import check_files
 from gptlab.data.records import INFO_FIELDS
 from gptlab.data.sources import check_sources
@@ -22,6 +23,23 @@ from gptlab.fileio import atomic_write_text, read_json
 from gptlab.stage import check_context, data_params, run, say, start
 
 PASSED = "params.yaml passed the checks of stages/check.py\n"  # constant: downstream stages never rerun for it
+
+
+def check_eval_models(models: dict[str, str]) -> None:
+    """evaluate.models folders under models/ exist and hold a checkpoint or a GPT-2 (the pipeline's own
+    checkpoints are made later)."""
+    from gptlab.hf_gpt2 import check_folder_tokenizer, is_hf_folder, read_hf_config
+
+    for name, folder in models.items():
+        path, key = Path(folder), f"evaluate.models.{name}"
+        if folder in PIPELINE_MODELS.values() or (path / META_FILE).is_file():
+            continue
+        if not is_hf_folder(path):
+            what = "not found" if not path.exists() else f"holds neither {META_FILE} (a gptlab checkpoint) nor config.json"
+            raise ConfigError(f"{key}: {folder} {what}; put the model there (e.g. `gptlab export-hf CHECKPOINT "
+                              f"{folder}`) or remove the entry")
+        read_hf_config(path / "config.json")
+        check_folder_tokenizer(path)
 
 
 def main() -> None:
@@ -33,9 +51,10 @@ def main() -> None:
     # fine-tuning data files (their first record against the schema) and an sft.init folder's config.json
     for key, data in (("sft.data", params.sft.data), ("dpo.data", params.dpo.data)):
         say(accelerator, f"[check] {key}: {check_files(data, key)}")
+    check_eval_models(params.evaluate.models)
     T, n = params.model.block_size, accelerator.num_processes
     tuned_T = T  # the context sft and dpo inherit: pretrain's, or the GPT-2 folder's
-    if params.sft.init != "pretrain":
+    if params.sft.init != PIPELINE_MODELS["pretrain"]:
         from gptlab.hf_gpt2 import check_folder_tokenizer, read_hf_config
 
         tuned_T = read_hf_config(Path(params.sft.init) / "config.json").block_size

@@ -1,63 +1,147 @@
-"""evaluate: measure the pretrain, sft and dpo checkpoints on the same held-out sets.
+"""evaluate@NAME: one model's scores on the held-out sets (NAME: a key of evaluate.models in params.yaml).
 
-Writes metrics/evaluate/metrics.json keyed by model (so `dvc metrics show` reads as a table) and
-metrics/evaluate/samples.md with fixed-prompt samples from each model. Per model, results first: exact match,
-preference and reward accuracy (each with its binomial standard error, `_stderr`), multiple choice under both
-conventions (mc_lmeval, mc_llmc; see gptlab.evaluation), then the val-shard figures, and the SHA-256 of the
-weights scored (checked against meta.json on load). Figures are rounded to 4 decimals, so `dvc metrics diff`
-reads as a clean table.
+dvc.yaml runs one evaluate stage per model (foreach over evaluate.models), so an experiment that changes only
+dpo rescores only dpo. The model is a pipeline checkpoint or a folder under models/: a gptlab checkpoint, or a
+Hugging Face GPT-2 (an export-hf folder, the hub's gpt2). It writes metrics/evaluate/NAME/:
+
+  metrics.json  results first: exact match on held-out instructions, preference accuracy and, for a dpo model,
+                reward accuracy and margin (each accuracy with its binomial standard error, `_stderr`);
+                multiple choice under both conventions (mc_lmeval, mc_llmc: see gptlab.evaluation); then the
+                val-shard figures (for a model whose tokenizer made the shards) and the SHA-256 of the weights
+                scored. 4 decimals, so `dvc metrics diff` reads as a clean table.
+  scores.json   the accuracies as rows (metric, value, stderr): the data of dvc.yaml's `evaluation` plot
+  samples.md    greedy answers to the first held-out instructions, and samples from fixed prompts
+
+Held-out instructions: with sft.data format world, the world's held-out questions, right when the answer names
+the true value (and `preferred_style`: the share in the terse style dpo prefers); with other sft data, the
+held-out conversations' last assistant turns, right on SQuAD-normalised exact match. Preference pairs: dpo.data's
+held-out pairs, encoded as dpo encodes them; a dpo model's reward uses the reference log-probs dpo trained
+against (data/ref_logps) and the beta in its meta.json.
 """
 from __future__ import annotations
 
-import math
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from gptlab import paths
-from gptlab.checkpoint import checkpoint_tokenizer, load_checkpoint
-from gptlab.data.formats import Conversation, Message, Pair, encode_pairs, format_prompt
+from gptlab import paths, ref_logps
+from gptlab.checkpoint import META_FILE, checkpoint_tokenizer, load_checkpoint
+from gptlab.config import MODEL_NAME, PIPELINE_MODELS, GptlabError
+from gptlab.data.finetune import hub_mc_items, preference_sets, sft_sets
+from gptlab.data.formats import Conversation, Message, encode_pairs, encode_segments, segments
 from gptlab.data.loader import Windows
-from gptlab.data.records import INFO_FIELDS, read_mc, read_prefs, read_questions
+from gptlab.data.records import read_mc, read_questions
 from gptlab.data.world import answer_matches, style_of
-from gptlab.evaluation import greedy_answers, multiple_choice_conventions, pair_logps, share, token_metrics
-from gptlab.fileio import atomic_write_json, atomic_write_text, read_json
+from gptlab.evaluation import (
+    greedy_answers,
+    multiple_choice_conventions,
+    normalize_answer,
+    pair_logps,
+    share,
+    token_metrics,
+)
+from gptlab.fileio import atomic_write_json, atomic_write_text
+from gptlab.hf_gpt2 import is_hf_folder, load_hf_gpt2
 from gptlab.sampling import generate
-from gptlab.stage import announce, read_split, run, start
+from gptlab.stage import announce, read_split, run, say, start
 from gptlab.tokenizer import load_tokenizer
 
-MODELS = ("pretrain", "sft", "dpo")
-N_SHOWN = 6  # greedy answers shown per model in samples.md
+N_SHOWN = 6  # greedy answers shown in samples.md
+# the accuracies the comparison plot shows: (row name, path in metrics.json)
+PLOTTED = (("exact_match", ("exact_match",)), ("pref_acc", ("pref_acc",)), ("reward_acc", ("reward_acc",)),
+           ("mc_lmeval acc_norm", ("mc_lmeval", "acc_norm")), ("mc_llmc acc_norm", ("mc_llmc", "acc_norm")),
+           ("top1_acc", ("top1_acc",)), ("top5_acc", ("top5_acc",)))
+
+
+@dataclass(frozen=True)
+class Instruction:
+    conv: Conversation  # up to the user turn the model answers
+    reference: str  # the held-out answer
+    candidates: tuple[str, ...] = ()  # the world's: every value the question's attribute can take
 
 
 def take(rows: list, n: int) -> list:
     return rows if n == 0 else rows[:n]
 
 
+def model_name(argv: list[str], models: dict[str, str]) -> str:
+    if len(argv) != 1 or argv[0] not in models:
+        got = f"got {' '.join(argv)!r}" if argv else "got none"
+        raise GptlabError(f"evaluate: name one model of evaluate.models ({', '.join(models)}), {got}; dvc.yaml "
+                          f"runs `gptlab run evaluate@NAME` for each")
+    return argv[0]
+
+
+def load_model(name: str, folder: str, device):
+    """(model, meta, tokenizer) of a gptlab checkpoint or a Hugging Face GPT-2 folder."""
+    path = Path(folder)
+    if folder in PIPELINE_MODELS.values() or (path / META_FILE).is_file():
+        model, meta = load_checkpoint(path, device)  # checks the weights against meta.json's SHA-256
+        return model, meta, checkpoint_tokenizer(path)
+    if is_hf_folder(path):
+        return load_hf_gpt2(path, device)
+    what = "not found" if not path.exists() else f"holds neither a gptlab checkpoint ({META_FILE}) nor a Hugging " \
+                                                  "Face GPT-2 (config.json)"
+    raise GptlabError(f"evaluate.models.{name}: {folder} {what}; put the model there (gptlab export-hf writes a "
+                      f"Hugging Face folder) or remove the entry")
+
+
+def instructions(params) -> list[Instruction]:
+    cfg = params.sft.data
+    if cfg.format == "world":
+        return [Instruction(Conversation("question", (Message("user", q["question"]),)), q["answer"],
+                            tuple(q["candidates"])) for q in read_questions(paths.SFT_HELDOUT)]
+    return [Instruction(Conversation(c.template, c.messages[:-1], c.context), c.messages[-1].content)
+            for c in sft_sets(cfg, params.seed).heldout]
+
+
 def mc_source(ecfg) -> list[dict]:
     """The world's multiple-choice items, or evaluate.mc_path's (e.g. Rowan/hellaswag's validation split)."""
     if not ecfg.mc_path:
         return read_mc(paths.MC_EVAL)
-    from gptlab.data.finetune import hub_mc_items
-
     return hub_mc_items(ecfg.mc_path, ecfg.mc_name, ecfg.mc_split, ecfg.mc_revision)
 
 
-def answer_metrics(model, tok, questions: list[dict], max_new_tokens: int) -> tuple[dict, list[str]]:
-    answers = greedy_answers(model, tok, [q["question"] for q in questions], max_new_tokens)
-    exact = [answer_matches(a, q["answer"], q["candidates"]) for a, q in zip(answers, questions)]
-    preferred = [style_of(a) == "preferred" for a in answers]
-    return {**share(sum(exact), len(exact), "exact_match"), "preferred_style": sum(preferred) / len(preferred)}, answers
+def answer_metrics(model, tok, items: list[Instruction], max_new_tokens: int) -> tuple[dict, list[str]]:
+    answers = greedy_answers(model, tok, [i.conv for i in items], max_new_tokens)
+    if items and items[0].candidates:  # the world: right when the answer names the true value
+        exact = [answer_matches(a, i.reference, i.candidates) for a, i in zip(answers, items)]
+        preferred = [style_of(a) == "preferred" for a in answers]
+        return {**share(sum(exact), len(exact), "exact_match"), "preferred_style": sum(preferred) / len(preferred)}, answers
+    exact = [normalize_answer(a) == normalize_answer(i.reference) for a, i in zip(answers, items)]
+    return share(sum(exact), len(exact), "exact_match"), answers
 
 
-def preference_metrics(model, pairs, ref_logps, micro_batch_size: int, pad_id: int, beta: float) -> dict:
-    """Share of held-out pairs where the chosen response is more likely; with a reference also the share
-    where the implicit reward beta*(logp - ref_logp) of chosen beats rejected (the policy's own preference)."""
-    chosen, rejected = pair_logps(model, pairs, micro_batch_size, pad_id)
+def preference_metrics(model, meta: dict, tok, params, strict: bool, note) -> dict:
+    """Share of held-out pairs where the chosen response is more likely; for a dpo model also the share where
+    its implicit reward beta*(logp - ref_logp) of chosen beats rejected, and the mean reward margin."""
+    ecfg, dcfg = params.evaluate, params.dpo
+    sets = preference_sets(dcfg.data, params.seed)
+    encoded = encode_pairs(tok, sets.heldout, model.config.block_size, dcfg.max_prompt_tokens,
+                           f"dpo.data ({sets.source}), held out").items
+    pairs = take(encoded, ecfg.max_pairs)
+    chosen, rejected = pair_logps(model, pairs, ecfg.micro_batch_size, tok.eot_id)
     out = share(int((chosen > rejected).sum()), len(pairs), "pref_acc")
-    if ref_logps is not None:
-        margin = beta * ((chosen - ref_logps[0]) - (rejected - ref_logps[1]))
-        out |= {**share(int((margin > 0).sum()), len(pairs), "reward_acc"), "reward_margin": margin.mean().item()}
-    return out
+    if meta.get("stage") != "dpo":
+        return out
+    try:
+        if "init_sha256" not in meta:
+            raise GptlabError(f"{meta['init_from']}'s meta.json does not name its reference weights (made by an "
+                              "older gptlab); rerun dpo")
+        ref_chosen, ref_rejected = ref_logps.read(meta["init_sha256"],
+                                                  {"heldout": ref_logps.pairs_fingerprint(encoded)})["heldout"]
+    except GptlabError as e:
+        if strict:  # the pipeline's own dpo model: its reference must be there
+            raise
+        note(f"no reward_acc or reward_margin: {e}")
+        return out
+    beta = meta["params"]["dpo"]["beta"]
+    n = len(pairs)
+    margin = beta * ((chosen - ref_chosen[:n]) - (rejected - ref_rejected[:n]))
+    return out | {**share(int((margin > 0).sum()), n, "reward_acc"), "reward_margin": margin.mean().item()}
 
 
 def rounded(metrics: dict) -> dict:
@@ -66,60 +150,70 @@ def rounded(metrics: dict) -> dict:
             for k, v in metrics.items()}
 
 
-def samples(model, tok, prompts: list[str], ecfg, seed: int) -> list[str]:
+def score_rows(metrics: dict) -> list[dict]:
+    """The accuracies (and their stderrs) as rows, for a bar chart that compares models."""
+    rows = []
+    for label, where in PLOTTED:
+        parent = metrics
+        for key in where[:-1]:
+            parent = parent.get(key, {})
+        if where[-1] in parent:
+            rows.append({"metric": label, "value": parent[where[-1]], "stderr": parent.get(f"{where[-1]}_stderr")})
+    return rows
+
+
+def samples(model, tok, prompts: list[list[int]], ecfg, seed: int) -> list[str]:
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    outs = generate(model, [tok.encode(p) for p in prompts], ecfg.max_new_tokens, temperature=ecfg.temperature,
-                    top_k=ecfg.top_k, top_p=ecfg.top_p, stop_id=tok.eot_id, generator=gen, n_vocab=tok.n_vocab)
+    outs = generate(model, prompts, ecfg.max_new_tokens, temperature=ecfg.temperature, top_k=ecfg.top_k,
+                    top_p=ecfg.top_p, stop_id=tok.eot_id, generator=gen, n_vocab=tok.n_vocab)
     return [tok.decode(o) for o in outs]
 
 
+def report(name: str, folder: str, items, answers, prompts, texts, tok, ecfg) -> str:
+    lines = [f"# {name} ({folder})", "", "Greedy answers to held-out instructions (the held-out answer in brackets):", ""]
+    lines += [f"- {i.conv.messages[-1].content} [{i.reference}] →{a}" for i, a in zip(items[:N_SHOWN], answers)]
+    lines += ["", f"Samples (temperature {ecfg.temperature}, top_k {ecfg.top_k}, top_p {ecfg.top_p}):", ""]
+    for prompt, text in zip(prompts, texts):
+        lines += ["```", tok.decode(prompt) + text, "```", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
-    params, accelerator = start("evaluate")
+    arg = sys.argv[1] if len(sys.argv) == 2 and MODEL_NAME.fullmatch(sys.argv[1]) else ""
+    params, accelerator = start(f"evaluate@{arg}" if arg else "evaluate")
     if not accelerator.is_main_process:  # evaluation is small; one process does it all
         return
     ecfg, device = params.evaluate, accelerator.device
-    info = read_json(paths.DATA_INFO, INFO_FIELDS)
-    tok = load_tokenizer(paths.TOKENIZER)
-    val = read_split("evaluate", "val", tok)
-    questions = take(read_questions(paths.SFT_HELDOUT), ecfg.max_questions)
+    name = model_name(sys.argv[1:], ecfg.models)
+    folder = ecfg.models[name]
+    model, meta, tok = load_model(name, folder, device)  # all input checked before any scoring
+    model.eval()
+    data_tok = load_tokenizer(paths.TOKENIZER)
+    val = read_split("evaluate", "val", data_tok) if tok.fingerprint == data_tok.fingerprint else None
+    items = take(instructions(params), ecfg.max_questions)
     mc_items = take(mc_source(ecfg), ecfg.max_mc_items)
-    heldout_pairs = read_prefs(paths.PREFS_HELDOUT)[0]
-    prompts = [format_prompt(q["question"]) for q in questions[: ecfg.n_samples // 2]]
-    prompts += [item["ctx"] for item in mc_items[: ecfg.n_samples - len(prompts)]]
 
-    metrics: dict[str, dict] = {"data": {"ln_vocab": math.log(tok.n_vocab)}}
-    if "entropy_floor" in info:  # the world alone knows the loss a perfect model would reach
-        metrics["data"] = {"entropy_floor": info["entropy_floor"], **metrics["data"]}
-    report = ["# Samples", "", f"temperature {ecfg.temperature}, top_k {ecfg.top_k}, top_p {ecfg.top_p}", ""]
-    checkpoints = {name: (*load_checkpoint(paths.checkpoint_dir(name), device),
-                          checkpoint_tokenizer(paths.checkpoint_dir(name))) for name in MODELS}  # all checked first
-    ref_logps = None
-    for name, (model, meta, mtok) in checkpoints.items():
-        model.eval()
-        T = model.config.block_size
-        pairs = encode_pairs(mtok, [Pair(Conversation("question", (Message("user", r["question"]),)), r["chosen"],
-                                         r["rejected"]) for r in heldout_pairs], T, 0, str(paths.PREFS_HELDOUT)).items
-        scores, answers = answer_metrics(model, mtok, questions, ecfg.max_new_tokens)
-        m = dict(scores)
-        beta = params.dpo.beta
-        m |= preference_metrics(model, pairs, ref_logps if name == "dpo" else None, ecfg.micro_batch_size, mtok.eot_id, beta)
-        if name == "sft":  # the sft model is the dpo model's reference
-            ref_logps = pair_logps(model, pairs, ecfg.micro_batch_size, mtok.eot_id)
-        m |= multiple_choice_conventions(model, mtok, mc_items, ecfg.micro_batch_size)
-        if mtok.fingerprint == tok.fingerprint:  # the val shard's ids mean something to this model only then
-            m |= token_metrics(model, Windows(val, T), ecfg.val_batches, ecfg.micro_batch_size, mtok.token_bytes())
-        m["weights_sha256"] = meta["weights"]["sha256"]  # load_checkpoint checked the file against it
-        m = rounded(m)
-        metrics[name] = m
-        announce(accelerator, f"evaluate {name}", {k: v for k, v in m.items() if not k.endswith("_stderr")})
-        report += [f"## {name}", "", "Greedy answers to held-out questions (gold answer in brackets):", ""]
-        report += [f"- {q['question']} [{q['answer']}] →{a}" for q, a in zip(questions[:N_SHOWN], answers)]
-        report += ["", "Samples:", ""]
-        for prompt, text in zip(prompts, samples(model, mtok, prompts, ecfg, params.seed)):
-            report += ["```", prompt + text, "```", ""]
+    m, answers = answer_metrics(model, tok, items, ecfg.max_new_tokens)
+    m |= preference_metrics(model, meta, tok, params, folder == PIPELINE_MODELS["dpo"],
+                            lambda text: say(accelerator, f"[evaluate@{name}] {text}"))
+    m |= multiple_choice_conventions(model, tok, mc_items, ecfg.micro_batch_size)
+    if val is not None:  # the val shard's ids mean something to this model only then
+        m |= token_metrics(model, Windows(val, model.config.block_size), ecfg.val_batches, ecfg.micro_batch_size,
+                           tok.token_bytes())
+    m["weights_sha256"] = meta["weights"]["sha256"]  # of the file scored: load_checkpoint checked it
+    m = rounded(m)
+    shown = {k: v for k, v in m.items() if not k.endswith("_stderr") and k != "weights_sha256"}
+    announce(accelerator, f"evaluate@{name}", {"model": f"{folder} ({meta['stage']}, step {meta['step']})", **shown,
+                                               **({} if val is not None else {"val shard": "skipped (another tokenizer)"})})
 
-    atomic_write_json(paths.metrics_dir("evaluate") / "metrics.json", metrics)
-    atomic_write_text(paths.metrics_dir("evaluate") / "samples.md", "\n".join(report))
+    prompts = [encode_segments(tok, segments(i.conv, generating=True)).ids.tolist() for i in items[: ecfg.n_samples // 2]]
+    prompts += [tok.encode(item["ctx"]) for item in mc_items[: ecfg.n_samples - len(prompts)]]
+    out = paths.metrics_dir("evaluate") / name
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "metrics.json", m)
+    atomic_write_text(out / "scores.json", json.dumps(score_rows(m), indent=1) + "\n")
+    texts = samples(model, tok, prompts, ecfg, params.seed)
+    atomic_write_text(out / "samples.md", report(name, folder, items, answers, prompts, texts, tok, ecfg))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from dataclasses import asdict
 from gptlab import paths
 from gptlab.data.loader import Slicer, StepCache, Windows, step_windows
 from gptlab.data.records import INFO_FIELDS, read_mc
-from gptlab.evaluation import multiple_choice, shard_loss
+from gptlab.evaluation import multiple_choice_conventions, shard_loss
 from gptlab.fileio import read_json
 from gptlab.losses import token_loss
 from gptlab.model import GPT, GPTConfig
@@ -22,7 +22,8 @@ def main() -> None:
     tok = load_tokenizer(paths.TOKENIZER)  # first, so the shards' ids can be checked against its vocabulary
     train_windows = Windows(read_split("pretrain", "train", tok), T)
     val_windows = Windows(read_split("pretrain", "val", tok), T)
-    check_context(T, read_json(paths.DATA_INFO, INFO_FIELDS))  # sft and dpo inherit T: fail now, not after
+    info = read_json(paths.DATA_INFO, INFO_FIELDS)
+    check_context(T, info)  # sft and dpo inherit T: fail now, not after
     # as many endings as the val loss reads windows, so each evaluation costs about twice the val loss alone
     items = read_mc(paths.MC_EVAL)
     mc_items = items[: max(1, cfg.eval_batches * cfg.micro_batch_size // len(items[0]["endings"]))]
@@ -47,9 +48,13 @@ def main() -> None:
         idx, targets = batch
         return token_loss(m(idx), targets), {}, idx.numel()
 
-    def evaluate(m):  # val loss, and HellaSwag-style multiple choice (acc, acc_norm) as pretraining goes
-        return {"val_loss": shard_loss(m, val_windows, cfg.eval_batches, cfg.micro_batch_size),
-                **multiple_choice(m, tok, mc_items, cfg.micro_batch_size)}
+    # the loss a perfect model of the world would reach: logged beside val_loss as the loss chart's floor
+    floor = {"entropy_floor": info["entropy_floor"]} if "entropy_floor" in info else {}
+
+    def evaluate(m):  # val loss, and HellaSwag-style multiple choice as llm.c logs it while pretraining
+        mc = multiple_choice_conventions(m, tok, mc_items, cfg.micro_batch_size, ("llmc",))["mc_llmc"]
+        return {"val_loss": shard_loss(m, val_windows, cfg.eval_batches, cfg.micro_batch_size), **floor,
+                "mc_llmc/acc": mc["acc"], "mc_llmc/acc_norm": mc["acc_norm"]}
 
     meta = stage_meta("pretrain", params, ("data", "tokenizer", "model", "pretrain"), None)
     inputs = {"tokenizer": tok.fingerprint, str(paths.DATA_INFO): file_sha256(paths.DATA_INFO)}  # info.json describes the shards

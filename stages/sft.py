@@ -6,7 +6,6 @@ into micro-batches and processes (and how long each example's response is) does 
 """
 from __future__ import annotations
 
-from gptlab import paths
 from gptlab.data.finetune import input_files, sft_sets
 from gptlab.data.formats import collate, encode_conversations
 from gptlab.data.loader import Slicer, StepCache, step_rows, to_device
@@ -27,7 +26,7 @@ def main() -> None:
     heldout = encode_conversations(tok, sets.heldout, T, cfg.max_prompt_tokens, f"{where}, held out")
     examples, heldout = train_set.items, heldout.items[: cfg.eval_batches * cfg.micro_batch_size]
     grad_accum = cfg.grad_accum_steps(T, accelerator.num_processes, "sft")
-    init_from = str(paths.checkpoint_dir("pretrain")) if cfg.init == "pretrain" else cfg.init
+    init_from = cfg.init
     announce(accelerator, "sft", {
         "init": f"{init_from} (step {parent_meta['step']}, {model.num_params() / 1e6:.2f}M params)",
         "data": sets.source,
@@ -59,7 +58,8 @@ def main() -> None:
     def evaluate(m):
         return {"val_loss": examples_loss(m, heldout, cfg.micro_batch_size, tok.eot_id)}
 
-    meta = stage_meta("sft", params, ("sft",), init_from, template=sets.train[0].template)
+    meta = stage_meta("sft", params, ("sft",), init_from, template=sets.train[0].template,
+                      init_sha256=parent_meta["weights"]["sha256"])
     train(model, Task(next_batch, loss, evaluate), cfg, grad_accum, accelerator, "sft", meta, tok,
           stage_inputs(parent_meta, *input_files(cfg.data, "sft.data")))
 

@@ -209,7 +209,7 @@ CASES = [
     Case("shard-bad-magic", write_bytes(VAL, b"NOTASHARD" * 40), "pretrain", (VAL,)),
     Case("shard-header-json", write_bytes(TRAIN, b"GPTLABTK" + b"{not json" + b" " * 300), "pretrain", (TRAIN,)),
     Case("shard-id-out-of-vocab", shard_id(TRAIN, 65535), "pretrain", (TRAIN,)),
-    Case("val-shard-damaged-for-evaluate", truncate(VAL, 0.9), "evaluate", (VAL,)),
+    Case("val-shard-damaged-for-evaluate", truncate(VAL, 0.9), "evaluate pretrain", (VAL,)),
     # tokenizer and info.json
     Case("tokenizer-json", write_text("data/tokenizer/tokenizer.json", "{oops"), "pretrain",
          ("data/tokenizer/tokenizer.json",)),
@@ -233,10 +233,10 @@ CASES = [
     Case("prefs-chosen-is-rejected", edit_jsonl("data/prefs_train.jsonl", same_pairs), "dpo",
          ("data/prefs_train.jsonl", "chosen")),
     Case("prefs-heldout-empty", write_text("data/prefs_heldout.jsonl", ""), "dpo", ("data/prefs_heldout.jsonl",)),
-    Case("mc-label-out-of-range", edit_jsonl("data/mc_eval.jsonl", relabel), "evaluate",
+    Case("mc-label-out-of-range", edit_jsonl("data/mc_eval.jsonl", relabel), "evaluate sft",
          ("data/mc_eval.jsonl:1", "label")),
     Case("mc-endings-not-list", edit_jsonl("data/mc_eval.jsonl", lambda rows: [{**rows[0], "endings": "x"}]),
-         "evaluate", ("data/mc_eval.jsonl:1", "endings")),
+         "evaluate sft", ("data/mc_eval.jsonl:1", "endings")),
     # checkpoints, read by the next stage
     Case("ckpt-missing", remove("checkpoints/pretrain"), "sft", ("checkpoints/pretrain",)),
     Case("ckpt-weights-truncated", truncate("checkpoints/pretrain/model.safetensors"), "sft",
@@ -248,8 +248,17 @@ CASES = [
          "dpo", ("checkpoints/sft",)),
     Case("ckpt-nan-weights", nan_checkpoint("sft"), "dpo", ("checkpoints/sft", "NaN")),
     Case("ckpt-weights-from-elsewhere", swap_weights("pretrain", "dpo"), "sft", ("checkpoints/pretrain",)),
-    Case("ckpt-dpo-damaged-for-evaluate", truncate("checkpoints/dpo/model.safetensors", 0.9), "evaluate",
+    Case("ckpt-dpo-damaged-for-evaluate", truncate("checkpoints/dpo/model.safetensors", 0.9), "evaluate dpo",
          ("checkpoints/dpo",)),
+    Case("evaluate-unknown-model", lambda p: None, "evaluate nope", ("evaluate.models", "nope", "pretrain, sft, dpo")),
+    Case("evaluate-model-folder-missing", set_param("evaluate.models", {"gpt2": "models/gpt2"}), "check",
+         ("evaluate.models.gpt2", "models/gpt2", "not found")),
+    Case("evaluate-model-folder-outside", set_param("evaluate.models", {"x": "/tmp/x"}), "check",
+         ("evaluate.models.x", "/tmp/x")),
+    Case("evaluate-model-folder-not-a-model", set_param("evaluate.models", {"t": "models/README.md"}), "check",
+         ("evaluate.models.t", "models/README.md", "holds neither")),
+    Case("evaluate-ref-logps-stale", write_text("data/ref_logps/meta.json", '{"sft_sha256": "ab", "pairs": {}}'),
+         "evaluate dpo", ("data/ref_logps", "rerun the ref_logps stage")),
     # gptlab generate
     Case("generate-truncated", truncate("checkpoints/dpo/model.safetensors"), "generate checkpoints/dpo --prompt x",
          ("checkpoints/dpo",)),
@@ -293,12 +302,16 @@ def run_case(project: Path, command: str) -> tuple[int, str]:
             if command.startswith("generate"):
                 code = cli_main([*command.split()[:1], *command.split()[1:]])
             else:
-                module = importlib.import_module(f"stages.{command}")
+                name, *args = command.split()  # e.g. "evaluate dpo": the stage module and its argv
+                module = importlib.import_module(f"stages.{name}")
+                argv, sys.argv = sys.argv, [name, *args]
                 try:
                     stage.run(module.main)
                     code = 0
                 except SystemExit as e:
                     code = e.code
+                finally:
+                    sys.argv = argv
     finally:
         os.chdir(cwd)
     return code, err.getvalue()

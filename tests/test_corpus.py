@@ -43,8 +43,8 @@ def test_a_files_source_with_the_char_tokenizer_runs_the_dag_and_reruns_tokenize
     info = json.loads((project / "data" / "info.json").read_text())
     assert info["tokenizer"]["kind"] == "char" and "entropy_floor" not in info
     assert info["n_tokens"]["train"] > info["n_tokens"]["val"] > 0
-    metrics = json.loads((project / "metrics" / "evaluate" / "metrics.json").read_text())
-    assert {"pretrain", "sft", "dpo"} <= set(metrics)  # the world's sets still fine-tune and evaluate
+    for model in ("pretrain", "sft", "dpo"):  # the world's sets still fine-tune and evaluate
+        assert "exact_match" in json.loads((project / "metrics" / "evaluate" / model / "metrics.json").read_text())
     assert "up to date" in sh("dvc status", project).stdout
     with open(project / "corpus" / "play1.txt", "a") as f:
         f.write("\n\nJULIET:\nO Romeo, Romeo!\n")

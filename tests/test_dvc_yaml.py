@@ -1,25 +1,47 @@
 """dvc.yaml and the code agree: each stage declares the paths it writes and the params sections it reads."""
+import dataclasses
+import re
 from pathlib import Path
 
 import yaml
 
 from gptlab import paths
-from gptlab.launch import STAGES
+from gptlab.config import PIPELINE_MODELS, EvaluateConfig, SFTConfig
+from gptlab.launch import PER_MODEL, STAGES
+from gptlab.train import PLOTS_ONLY
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 
 
 def outs(stage: str) -> set[str]:
-    return {next(iter(o)) if isinstance(o, dict) else o for o in DVC["stages"][stage]["outs"]}
+    spec = DVC["stages"][stage]
+    return {next(iter(o)) if isinstance(o, dict) else o for o in spec.get("do", spec)["outs"]}
 
 
 def test_stage_order_and_launch():
     assert list(DVC["stages"]) == ["check", "tokenize", "pretrain", "sft", "ref_logps", "dpo", "evaluate"]
     assert tuple(DVC["stages"]) == STAGES  # what `gptlab run` accepts
     for name, stage in DVC["stages"].items():
-        assert stage["cmd"] == f"gptlab run {name}"
+        stage = stage.get("do", stage)
+        assert stage["cmd"] == f"gptlab run {name}" + ("@${key}" if name == PER_MODEL else "")
         assert f"stages/{name}.py" in stage["deps"]
+
+
+def test_one_evaluate_stage_per_model_from_params():
+    """foreach over evaluate.models: each model is its own stage, depending on its folder only, and on every
+    evaluate key but `models` (adding a model must not rescore the others)."""
+    spec = DVC["stages"]["evaluate"]
+    assert spec["foreach"] == "${evaluate.models}"
+    do = spec["do"]
+    assert "${item}" in do["deps"] and not any("checkpoints" in d for d in do["deps"])
+    keys = {p.split(".", 1)[1] for p in do["params"] if p.startswith("evaluate.")}
+    assert keys == {f.name for f in dataclasses.fields(EvaluateConfig)} - {"models"}
+    assert "evaluate" not in do["params"] and "dpo" not in do["params"]  # a beta sweep does not rescore pretrain
+    assert [next(iter(m)) for m in do["metrics"]] == ["metrics/evaluate/${key}/metrics.json"]
+    assert EvaluateConfig().models == PIPELINE_MODELS  # what the comparison plot lists
+    plotted = DVC["plots"][0]["evaluation"]["y"]
+    assert list(plotted) == [f"metrics/evaluate/{name}/scores.json" for name in PIPELINE_MODELS]
 
 
 def test_check_runs_first_on_any_params_change_and_everything_waits_for_it():
@@ -27,7 +49,7 @@ def test_check_runs_first_on_any_params_change_and_everything_waits_for_it():
     assert check["params"] == [{"params.yaml": None}]  # the whole file: unknown top-level keys too
     assert check["outs"] == [{str(paths.PARAMS_CHECKED): {"persist": True}}]  # never deleted before a run
     for name in STAGES[1:]:
-        assert str(paths.PARAMS_CHECKED) in DVC["stages"][name]["deps"], name
+        assert str(paths.PARAMS_CHECKED) in DVC["stages"][name].get("do", DVC["stages"][name])["deps"], name
 
 
 def test_tokenize_outs_are_the_paths_the_code_writes():
@@ -41,33 +63,42 @@ def test_training_stages_cache_checkpoints_and_keep_metrics_in_git():
         spec = DVC["stages"][stage]
         assert str(paths.checkpoint_dir(stage)) in outs(stage)
         assert {"metrics/" + stage: {"cache": False}} in spec["outs"]
-        if parent:
+        if stage == "sft":  # its start point, whichever params name: the pretrain checkpoint by default
+            assert "${sft.init}" in spec["deps"] and SFTConfig().init == str(paths.checkpoint_dir(parent))
+        elif parent:
             assert str(paths.checkpoint_dir(parent)) in spec["deps"]
         assert stage in spec["params"] and "seed" in spec["params"]
 
 
 def test_params_sections_so_exp_run_reruns_only_downstream():
-    params = {name: set(stage["params"]) for name, stage in DVC["stages"].items() if name != "check"}
+    params = {name: set(stage.get("do", stage)["params"]) for name, stage in DVC["stages"].items() if name != "check"}
+    deps = {name: stage.get("do", stage)["deps"] for name, stage in DVC["stages"].items()}
     assert params["tokenize"] == {"seed", "preset", "data", "tokenizer"}
     assert params["pretrain"] == {"seed", "preset", "model", "pretrain"}
     # a preset's file is a params file too: every stage that reads params depends on it
     assert all("preset" in p for p in params.values())
-    assert all("configs/presets" in DVC["stages"][name]["deps"] for name in params)
+    assert all("configs/presets" in deps[name] for name in params)
     assert "sft" not in params["pretrain"] | params["tokenize"]
-    assert {"evaluate", "dpo.beta"} <= params["evaluate"]
 
 
 def test_top_level_metrics_and_plots():
-    assert set(DVC["metrics"]) == {f"metrics/{s}/metrics.json" for s in ("pretrain", "sft", "dpo", "evaluate")}
+    assert set(DVC["metrics"]) == {f"metrics/{s}/metrics.json" for s in ("pretrain", "sft", "dpo")}
     plots = {next(iter(p)): next(iter(p.values())) for p in DVC["plots"]}
-    assert list(plots) == ["metrics/pretrain/plots/metrics", "sft_loss", "dpo_loss", "dpo_rewards"]
-    # per-step loss of sft and dpo, and TRL's reward statistics, from the files dvclive writes for those names
-    series = {f: col for name in ("sft_loss", "dpo_loss", "dpo_rewards") for f, col in plots[name]["y"].items()}
-    for stage in ("sft", "dpo"):
+    assert list(plots) == ["evaluation", "pretrain_loss", "pretrain_multiple_choice", "learning_rate", "throughput",
+                           "sft_loss", "dpo_loss", "dpo_rewards"]
+    # every plot is titled and labelled; the training curves run over steps
+    assert all(p["title"] and p["x_label"] and p["y_label"] for p in plots.values())
+    assert all(p["x"] == "step" for name, p in plots.items() if name != "evaluation")
+    # each series is a file dvclive writes, under the column dvclive names after the metric's last part
+    series = {f: col for name, p in plots.items() if name != "evaluation" for f, col in p["y"].items()}
+    for f, col in series.items():
+        assert re.fullmatch(r"metrics/(pretrain|sft|dpo)/plots/metrics/(.+/)?" + re.escape(col) + r"\.tsv", f), f
+    for stage in ("pretrain", "sft", "dpo"):  # the learning-rate schedule and loss of every training stage
+        assert series[f"metrics/{stage}/plots/metrics/lr.tsv"] == "lr"
         assert series[f"metrics/{stage}/plots/metrics/loss.tsv"] == "loss"
-    for name in ("rewards/margins", "rewards/accuracies"):
-        assert series[f"metrics/dpo/plots/metrics/{name}.tsv"] == name.split("/")[1]  # dvclive's column
-    assert all(plots[n]["title"] and plots[n]["x"] == "step" for n in ("sft_loss", "dpo_loss", "dpo_rewards"))
+    assert series["metrics/pretrain/plots/metrics/entropy_floor.tsv"] == "entropy_floor"  # the reference line
+    # the metrics the train loop keeps out of metrics.json are still plotted
+    assert {"lr", "tokens_per_sec"} <= set(series.values()) and set(PLOTS_ONLY) - {"ms_per_step"} <= set(series.values())
 
 
 def test_reference_log_probs_are_their_own_stage_so_a_beta_or_loss_sweep_reuses_them():
@@ -83,7 +114,7 @@ def test_fine_tuning_stages_depend_on_the_folders_their_local_inputs_live_in():
 
     for stage in ("sft", "ref_logps", "dpo"):
         assert FINETUNE_DIR in DVC["stages"][stage]["deps"], stage
-    assert MODELS_DIR in DVC["stages"]["sft"]["deps"]
+    assert MODELS_DIR in DVC["stages"]["check"]["deps"]  # sft.init and evaluate.models folders are checked
     for folder in (FINETUNE_DIR, MODELS_DIR):  # dvc needs a dependency to exist
         assert (ROOT / folder).is_dir() and any((ROOT / folder).iterdir())
 

@@ -179,11 +179,11 @@ def test_char_tokenizer_runs_the_whole_pipeline(tmp_path):
     edit_params(project, {"tokenizer": {"kind": "char"}, "model": {"block_size": 256}})
     sh("git commit -qam char", project)
     out = sh("dvc repro", project)
-    assert "Running stage 'evaluate'" in out.stdout
+    assert "Running stage 'evaluate@dpo'" in out.stdout
     info = yaml.safe_load((project / "data" / "info.json").read_text())
     assert info["tokenizer"]["kind"] == "char" and info["tokenizer"]["n_vocab"] < 100
-    metrics = yaml.safe_load((project / "metrics" / "evaluate" / "metrics.json").read_text())
-    assert set(metrics) >= {"pretrain", "sft", "dpo"}
+    for model in ("pretrain", "sft", "dpo"):
+        assert "exact_match" in yaml.safe_load((project / "metrics" / "evaluate" / model / "metrics.json").read_text())
     gen = sh("gptlab generate checkpoints/dpo --chat --prompt 'Where was Q born?' --max_tokens 5", project)
     assert gen.stdout.startswith("Question: Where was Q born?\nAnswer:")
 

@@ -2,6 +2,7 @@
 formats, with responses of very different lengths: how a step is split into micro-batches and processes does not
 change the loss (the classic accumulation bug averages per micro-batch and would), DPO starts at ln 2, a GPT-2
 folder is a start point through `dvc exp run -S sft.init=...`, and `gptlab show-example` marks the loss tokens."""
+import hashlib
 import json
 import math
 
@@ -135,13 +136,23 @@ def test_sft_on_own_chat_jsonl_from_a_gpt2_folder_with_dvc_exp_run(tmp_path, gpt
              for i in range(30)]
     (p / "finetune" / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
     out = sh("dvc exp run -S sft.init=models/tiny-gpt2 -S sft.data.format=messages "
-             "-S 'sft.data.paths=[finetune/chat.jsonl]' -S sft.data.val_share=0.2", p)
+             "-S 'sft.data.paths=[finetune/chat.jsonl]' -S sft.data.val_share=0.2 "
+             "-S '+evaluate.models.tiny=models/tiny-gpt2'", p)
     assert "Running stage 'sft'" in out.stdout and "Running stage 'pretrain'" not in out.stdout
     meta = json.loads((p / "checkpoints/sft/meta.json").read_text())
     assert meta["init_from"] == "models/tiny-gpt2" and meta["tokenizer"]["kind"] == "gpt2"
     assert meta["template"] == "chat" and meta["params"]["sft"]["data"]["paths"] == ["finetune/chat.jsonl"]
     assert json.loads((p / "checkpoints/dpo/meta.json").read_text())["tokenizer"]["kind"] == "gpt2"
-    scores = json.loads((p / "metrics/evaluate/metrics.json").read_text())
+    scores = {m: json.loads((p / f"metrics/evaluate/{m}/metrics.json").read_text()) for m in ("pretrain", "sft")}
     assert "val_loss" in scores["pretrain"] and "val_loss" not in scores["sft"]  # another tokenizer's shards
+    # the Hugging Face folder added to evaluate.models is scored as itself: its own stage, its weights' hash
+    assert "Running stage 'evaluate@tiny'" in out.stdout
+    tiny = json.loads((p / "metrics/evaluate/tiny/metrics.json").read_text())
+    assert tiny["weights_sha256"] == hashlib.sha256((p / "models/tiny-gpt2/model.safetensors").read_bytes()).hexdigest()
+    assert tiny["weights_sha256"] != scores["sft"]["weights_sha256"] and "val_loss" not in tiny
+    # exact match on the held-out chats' last answers, asked in the sft data's template
+    shown = (p / "metrics/evaluate/sft/samples.md").read_text()
+    assert "- Capital of France? [Paris.] →" in shown and 0 <= scores["sft"]["exact_match"] <= 1
+    assert "preferred_style" not in scores["sft"]  # the world's style share means nothing for other data
     chat = sh("gptlab generate checkpoints/sft --chat --prompt 'Capital of France?' --max_tokens 3", p).stdout
     assert chat.startswith("\n\nHuman: Capital of France?\n\nAssistant:")

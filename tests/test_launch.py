@@ -17,6 +17,22 @@ def test_argv_uses_the_project_config_unless_another_is_named():
     assert launch_argv("sft", ["--config_file=x.yaml"]) == ["--config_file=x.yaml", "-m", "stages.sft"]
 
 
+def test_evaluate_at_a_model_runs_the_evaluate_module_with_the_model_name():
+    assert launch_argv("evaluate@sft", [])[-3:] == ["-m", "stages.evaluate", "sft"]
+
+
+@pytest.mark.parametrize("name,needle", [
+    ("evaluate", "name the model: evaluate@MODEL"),
+    ("evaluate@", "only evaluate takes @MODEL"),
+    ("sft@x", "only evaluate takes @MODEL"),
+    ("pretrian", "name a stage"),
+])
+def test_stage_names_gptlab_run_refuses(capsys, name, needle):
+    assert main([name]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: gptlab run: ") and needle in err and err.count("\n") == 1
+
+
 def test_the_failed_rank_s_exit_code_is_passed_on():
     assert _exit_code(SimpleNamespace(failures={0: SimpleNamespace(exitcode=2)})) == 2
     assert _exit_code(SimpleNamespace(failures={1: SimpleNamespace(exitcode=-15)})) == 143  # SIGTERM

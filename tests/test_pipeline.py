@@ -1,6 +1,7 @@
 """End to end: the real DAG with real DVC, git and accelerate, on tiny params in a temporary repo."""
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def test_repro_writes_every_output_and_metric(tiny_project):
     assert {"chosen", "rejected", "accuracies", "margins"} <= set(dpo_live["rewards"])
     assert {"chosen", "rejected"} <= set(dpo_live["logps"])
 
-    ev = json.loads((p / "metrics" / "evaluate" / "metrics.json").read_text())
+    ev = {stage: json.loads((p / "metrics" / "evaluate" / stage / "metrics.json").read_text()) for stage in MODELS}
     for stage in MODELS:
         m = ev[stage]
         for key in ("val_loss", "perplexity", "bits_per_byte", "top1_acc", "top5_acc", "exact_match",
@@ -47,30 +48,38 @@ def test_repro_writes_every_output_and_metric(tiny_project):
         assert 0 <= m["exact_match"] <= 1 and m["perplexity"] > 1 and m["top1_acc"] <= m["top5_acc"]
         # the weights scored are the checkpoint's
         assert m["weights_sha256"] == json.loads((p / "checkpoints" / stage / "meta.json").read_text())["weights"]["sha256"]
+        # the comparison plot's rows are the same figures
+        rows = json.loads((p / "metrics" / "evaluate" / stage / "scores.json").read_text())
+        assert {r["metric"]: r["value"] for r in rows}["pref_acc"] == m["pref_acc"]
+        samples = (p / "metrics" / "evaluate" / stage / "samples.md").read_text()
+        assert samples.startswith(f"# {stage} (checkpoints/{stage})")
     assert "reward_acc" in ev["dpo"] and "reward_margin" in ev["dpo"] and "reward_acc" not in ev["sft"]
-    assert 0 < ev["data"]["entropy_floor"] < ev["data"]["ln_vocab"]
-    samples = (p / "metrics" / "evaluate" / "samples.md").read_text()
-    assert all(f"## {stage}" in samples for stage in MODELS)
+    pretrain_live = json.loads((p / "metrics" / "pretrain" / "metrics.json").read_text())
+    assert 0 < pretrain_live["entropy_floor"] < pretrain_live["val_loss"]
+    assert set(pretrain_live["mc_llmc"]) == {"acc", "acc_norm"}
 
     lock = (p / "dvc.lock").read_text()
-    assert all(f"  {stage}:" in lock for stage in ("tokenize", *MODELS, "evaluate"))
+    assert all(f"  {stage}:" in lock for stage in ("tokenize", *MODELS, *(f"evaluate@{m}" for m in MODELS)))
     assert "up to date" in sh("dvc status", p).stdout
 
 
 def test_metrics_show_and_plots_show_read_the_declared_files(tiny_project):
     shown = json.loads(sh("dvc metrics show --json", tiny_project).stdout)
     text = json.dumps(shown)
-    assert "metrics/evaluate/metrics.json" in text and "exact_match" in text and "val_loss" in text
+    assert "metrics/evaluate/dpo/metrics.json" in text and "exact_match" in text and "val_loss" in text
     plots = json.loads(sh("dvc plots show --json", tiny_project).stdout)["data"]
-    assert "metrics/pretrain/plots/metrics/loss.tsv" in plots
-    # dvc.yaml's named plots: every series they declare has rows (dvc names a series file::column)
-    expected = {"sft_loss": {"loss.tsv::loss", "val_loss.tsv::val_loss"},
-                "dpo_loss": {"loss.tsv::loss", "val_loss.tsv::val_loss"},
-                "dpo_rewards": {"rewards/margins.tsv::margins", "rewards/accuracies.tsv::accuracies",
-                                "val_rewards/accuracies.tsv::accuracies"}}
-    for name, series in expected.items():
+    declared = [next(iter(p)) for p in yaml.safe_load((tiny_project / "dvc.yaml").read_text())["plots"]]
+    assert set(plots) == set(declared)  # nothing undeclared, nothing missing
+    for name in declared:  # every series each plot declares has rows (dvc names a series file::column)
+        spec = next(p[name] for p in yaml.safe_load((tiny_project / "dvc.yaml").read_text())["plots"] if name in p)
         rows = plots[name][0]["content"]["data"]["values"]
-        assert {r["filename::field"] for r in rows} == series, name
+        if name == "evaluation":  # one panel per model file, a bar per accuracy
+            assert {r["filename"] for r in rows} == {f"{m}/scores.json" for m in MODELS}
+            assert {"exact_match", "pref_acc", "reward_acc", "mc_llmc acc_norm"} <= {r["metric"] for r in rows}
+            continue
+        # dvc labels a series file::column, or by its file alone when every file has the same column
+        series = {r.get("filename::field", r.get("filename")) for r in rows}
+        assert len(series) == len(spec["y"]), (name, series)
 
 
 def test_push_then_pull_into_a_fresh_clone_restores_identical_checkpoints(tiny_project):
@@ -93,11 +102,39 @@ def test_exp_run_on_an_sft_param_reruns_only_downstream_stages(tiny_project):
     log = out.stdout + out.stderr
     for stage in ("tokenize", "pretrain"):
         assert f"Running stage '{stage}'" not in log
-    for stage in ("sft", "dpo", "evaluate"):
+    for stage in ("sft", "dpo", "evaluate@sft", "evaluate@dpo"):
         assert f"Running stage '{stage}'" in log
     assert digest(p / "checkpoints" / "pretrain") == before["pretrain"]
     assert digest(p / "checkpoints" / "sft") != before["sft"]
     sh("git checkout -q -- . && dvc checkout -q", p)  # back to the committed run for other tests
+
+
+def test_a_dpo_only_experiment_rescores_only_the_dpo_model(tiny_project):
+    p = tiny_project
+    log = sh("dvc exp run -S dpo.beta=0.2", p)
+    log = log.stdout + log.stderr
+    assert "Running stage 'dpo'" in log and "Running stage 'evaluate@dpo'" in log
+    for stage in ("pretrain", "sft", "ref_logps", "evaluate@pretrain", "evaluate@sft"):
+        assert f"Running stage '{stage}'" not in log, stage
+    sh("git checkout -q -- . && dvc checkout -q", p)
+
+
+def test_a_model_added_to_evaluate_models_is_scored_alone_and_as_itself(tiny_project):
+    """A checkpoint copied under models/ and listed in evaluate.models gets its own stage: nothing else reruns,
+    and it scores exactly what the original scores (same weights, same hash, same numbers)."""
+    p = tiny_project
+    shutil.copytree(p / "checkpoints" / "sft", p / "models" / "sft-copy")
+    try:
+        out = sh("dvc exp run -S '+evaluate.models.sft_copy=models/sft-copy'", p)
+        log = out.stdout + out.stderr
+        assert "Running stage 'evaluate@sft_copy'" in log
+        for stage in ("pretrain", "sft", "dpo", "evaluate@pretrain", "evaluate@sft", "evaluate@dpo"):
+            assert f"Running stage '{stage}'" not in log, stage
+        copy, original = (json.loads((p / "metrics" / "evaluate" / m / "metrics.json").read_text()) for m in ("sft_copy", "sft"))
+        assert copy == original
+    finally:
+        shutil.rmtree(p / "models" / "sft-copy")
+        sh("git checkout -q -- . && git clean -qfd metrics && dvc checkout -q", p)
 
 
 def test_two_process_cpu_training_through_accelerate(tiny_project):

@@ -6,7 +6,7 @@
     gptlab show-example {sft,dpo} [--index 0] [--heldout] [--tokens]
                                                      (one training example with its loss tokens marked)
     gptlab export-hf CHECKPOINT OUT_DIR [--overwrite]  (a transformers GPT2LMHeadModel folder; see gptlab.export_hf)
-    gptlab run STAGE [accelerate launch options]     (how dvc.yaml starts each stage; see gptlab.launch)
+    gptlab run STAGE [accelerate launch options]     (how dvc.yaml starts each stage, evaluate@MODEL too; see gptlab.launch)
     gptlab plan [--preset NAME] [--gpus 1] [--peak_tflops 989] [--mfu 0.4] [--micro_batch_size B] [--json]
                                                      (what pretraining will cost; see gptlab.plan)
 
@@ -286,7 +286,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
     r = sub.add_parser("run", add_help=False,
-                       help="run a pipeline stage as dvc.yaml does: STAGE [accelerate launch options]")
+                       help="run a pipeline stage as dvc.yaml does: STAGE (evaluate@MODEL for evaluate) [accelerate launch options]")
     r.add_argument("launch_args", nargs=argparse.REMAINDER)  # gptlab.launch parses them, accelerate's too
     add_plan_parser(sub)
     e = sub.add_parser("show-example", help="print one sft example or dpo pair with its loss tokens marked")

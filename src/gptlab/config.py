@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,9 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # TRL's names; formulas 
 SMOOTHED_LOSS_TYPES = ("sigmoid", "robust")  # the ones dpo.label_smoothing applies to
 # Local files a stage reads live in folders dvc.yaml lists as dependencies, so changing one reruns the stage.
 FINETUNE_DIR = "finetune"  # sft/dpo data files (sft.data.paths, dpo.data.paths)
-MODELS_DIR = "models"  # start points that are not pipeline checkpoints (sft.init: a Hugging Face GPT-2 folder)
+MODELS_DIR = "models"  # models that are not pipeline checkpoints (sft.init, evaluate.models)
+PIPELINE_MODELS = {"pretrain": "checkpoints/pretrain", "sft": "checkpoints/sft", "dpo": "checkpoints/dpo"}
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # evaluate.models names: the `evaluate@<name>` stage's suffix
 
 
 class GptlabError(ValueError):
@@ -288,16 +291,16 @@ class SFTConfig(TrainConfig):
     eval_interval: int = 125
     log_interval: int = 10
     save_interval: int = 125
-    init: str = "pretrain"  # start weights: pretrain (its checkpoint) or a Hugging Face GPT-2 folder under models/
+    init: str = PIPELINE_MODELS["pretrain"]  # start weights: the pretrain checkpoint, or a Hugging Face GPT-2 under models/
     data: SFTData = field(default_factory=SFTData)
     max_prompt_tokens: int = 0  # prompt tokens kept at most, cut from the left (0 = as many as the context holds)
     packing: bool = False  # several examples per sequence (no attention or loss across them): fewer pad tokens
 
     def check(self, where: str) -> None:
         super().check(where)
-        _require(self.init == "pretrain" or _inside(MODELS_DIR, self.init), f"{where}.init",
-                 f"must be pretrain or a Hugging Face GPT-2 folder under {MODELS_DIR}/ (e.g. {MODELS_DIR}/gpt2; "
-                 f"dvc.yaml lists {MODELS_DIR}/ as a dependency of sft), got {self.init!r}")
+        _require(self.init == PIPELINE_MODELS["pretrain"] or (_inside(MODELS_DIR, self.init) and "*" not in self.init),
+                 f"{where}.init", f"must be {PIPELINE_MODELS['pretrain']} or a Hugging Face GPT-2 folder under "
+                 f"{MODELS_DIR}/ (e.g. {MODELS_DIR}/gpt2; dvc.yaml makes it the sft stage's dependency), got {self.init!r}")
         _require(self.max_prompt_tokens >= 0, f"{where}.max_prompt_tokens", "must be 0 (no cap) or more")
 
 
@@ -331,9 +334,13 @@ class DPOConfig(TrainConfig):
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    max_new_tokens: int = 40  # greedy answer length cap for exact match and style share
-    max_questions: int = 320  # held-out questions scored per model (0 = all)
+    # name -> folder, one `evaluate@<name>` stage each (dvc.yaml's foreach): a pipeline checkpoint, or a folder
+    # under models/ holding a gptlab checkpoint (a pulled or copied one) or a Hugging Face GPT-2 (an export)
+    models: dict[str, str] = field(default_factory=lambda: dict(PIPELINE_MODELS))
+    max_new_tokens: int = 40  # greedy answer length cap for exact match (a longer reference cannot match)
+    max_questions: int = 320  # held-out instructions scored per model (0 = all)
     max_mc_items: int = 400  # multiple-choice items scored per model (0 = all)
+    max_pairs: int = 400  # held-out preference pairs scored per model (0 = all)
     val_batches: int = 8  # micro-batches of the val shard for val_loss
     micro_batch_size: int = 32  # sequences per forward pass
     n_samples: int = 4  # fixed prompts sampled per model into samples.md
@@ -348,10 +355,17 @@ class EvaluateConfig:
     mc_revision: str = ""  # hub commit to pin
 
     def check(self, where: str) -> None:
+        _require(bool(self.models), f"{where}.models", "name at least one model to evaluate, e.g. dpo: checkpoints/dpo")
+        for name, folder in self.models.items():
+            _require(bool(MODEL_NAME.fullmatch(name)), f"{where}.models.{name}",
+                     "a name of letters, digits, _ and - (it becomes the stage name evaluate@<name>)")
+            _require(folder in PIPELINE_MODELS.values() or (_inside(MODELS_DIR, folder) and "*" not in folder),
+                     f"{where}.models.{name}", f"must be one of {', '.join(PIPELINE_MODELS.values())} or a folder "
+                     f"under {MODELS_DIR}/ (a gptlab checkpoint or a Hugging Face GPT-2), got {folder!r}")
         _require(bool(self.mc_split), f"{where}.mc_split", "name the split, e.g. validation")
         for key in ("max_new_tokens", "val_batches", "micro_batch_size"):
             _require(getattr(self, key) >= 1, f"{where}.{key}", "must be at least 1")
-        for key in ("max_questions", "max_mc_items", "n_samples", "top_k"):
+        for key in ("max_questions", "max_mc_items", "max_pairs", "n_samples", "top_k"):
             _require(getattr(self, key) >= 0, f"{where}.{key}", "must be 0 or more")
         _require(self.temperature >= 0, f"{where}.temperature", "must be 0 (greedy) or positive")
         _require(0 < self.top_p <= 1, f"{where}.top_p", "must lie in (0, 1]")
@@ -407,6 +421,11 @@ def _coerce(tp, value, key: str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     origin = typing.get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of names to values, got {value!r}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(key_tp, k, f"{key} (a name)"): _coerce(value_tp, v, f"{key}.{k}") for k, v in value.items()}
     if origin in (tuple, list):
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

@@ -3,19 +3,19 @@
 - shard_loss: mean next-token loss on fixed windows of token shards (val_loss; perplexity = exp).
 - examples_loss: mean loss on response tokens of prompt/response examples.
 - pair_logps: summed response log-probs of (chosen, rejected) pairs.
-- multiple_choice: HellaSwag-style acc (highest summed log-prob of the ending) and acc_norm (highest
-  log-prob per byte of the ending, HellaSwag's length normalisation).
-- greedy_answers: greedy responses to questions in the prompt template.
+- multiple_choice_conventions: HellaSwag-schema multiple choice, lm-evaluation-harness's and llm.c's way.
+- greedy_answers: greedy responses to conversations in their template; normalize_answer for exact match.
 """
 from __future__ import annotations
 
 import math
 import re
+import string
 
 import numpy as np
 import torch
 
-from gptlab.data.formats import Example, collate, format_prompt
+from gptlab.data.formats import Conversation, Example, collate, encode_segments, segments
 from gptlab.data.loader import Windows
 from gptlab.losses import IGNORE, sequence_logps, token_loss
 from gptlab.sampling import generate
@@ -70,34 +70,19 @@ def batch_pair_logps(model, pairs: list[tuple[Example, Example]], pad_id: int):
     return logps[: len(pairs)], logps[len(pairs) :]
 
 
-@torch.no_grad()
-def multiple_choice(model, tok: Tokenizer, items: list[dict], micro_batch_size: int) -> dict[str, float]:
-    """Score every ending by its summed log-prob after ctx; acc picks the max, acc_norm the max per byte."""
-    examples, byte_lens = [], []
-    for item in items:
-        ctx = tok.encode(item["ctx"])
-        for ending in item["endings"]:
-            examples.append(Example.of(ctx, tok.encode(ending)))
-            byte_lens.append(len(ending.encode()))
-    scores = []
-    for i in range(0, len(examples), micro_batch_size):
-        idx, targets, _ = collate(examples[i : i + micro_batch_size], tok.eot_id)
-        scores.append(sequence_logps(model(idx.to(device_of(model))), targets.to(device_of(model))).cpu())
-    logps = torch.cat(scores).numpy()
-    hits, hits_norm, k = 0, 0, 0
-    for item in items:
-        n = len(item["endings"])
-        s = logps[k : k + n]
-        hits += int(np.argmax(s) == item["label"])
-        hits_norm += int(np.argmax(s / np.array(byte_lens[k : k + n])) == item["label"])
-        k += n
-    return {"acc": hits / len(items), "acc_norm": hits_norm / len(items)}
-
-
-def greedy_answers(model, tok: Tokenizer, questions: list[str], max_new_tokens: int) -> list[str]:
-    prompts = [tok.encode(format_prompt(q)) for q in questions]
+def greedy_answers(model, tok: Tokenizer, convs: list[Conversation], max_new_tokens: int) -> list[str]:
+    """The model's greedy answer to each conversation's last user turn, prompted in the conversation's template
+    exactly as fine-tuning rendered it (earlier turns included)."""
+    prompts = [encode_segments(tok, segments(c, generating=True)).ids.tolist() for c in convs]
     outs = generate(model, prompts, max_new_tokens, temperature=0.0, stop_id=tok.eot_id, n_vocab=tok.n_vocab)
     return [tok.decode(o) for o in outs]
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles (a, an, the), single spaces; so
+    exact match does not hinge on a trailing full stop or capital letter."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
 # --- the evaluate stage's measurements -------------------------------------------------------------------
@@ -183,10 +168,11 @@ def _continuation(tok: Tokenizer, context: str, continuation: str) -> Example:
 
 
 @torch.no_grad()
-def multiple_choice_conventions(model, tok: Tokenizer, items: list[dict], micro_batch_size: int) -> dict:
+def multiple_choice_conventions(model, tok: Tokenizer, items: list[dict], micro_batch_size: int,
+                                conventions: tuple[str, ...] = MC_CONVENTIONS) -> dict:
     """{"mc_lmeval": {acc, acc_stderr, acc_norm, acc_norm_stderr}, "mc_llmc": {...}} over the items."""
     out = {}
-    for convention in MC_CONVENTIONS:
+    for convention in conventions:
         examples, norms, spans = [], [], []
         for item in items:
             context, continuations, lengths = mc_requests(item, convention)

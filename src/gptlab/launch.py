@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 
 STAGES = ("check", "tokenize", "pretrain", "sft", "ref_logps", "dpo", "evaluate")
+PER_MODEL = "evaluate"  # one stage per model in dvc.yaml (foreach): `gptlab run evaluate@NAME`
 DEFAULT_CONFIG = "accelerate.yaml"
 LAUNCHER_PID = "GPTLAB_LAUNCHER_PID"  # tells the ranks `gptlab run` started them: it prints the Ctrl-C line
 SHELLS = {"sh", "dash", "bash", "zsh", "fish", "ksh"}
@@ -49,10 +50,24 @@ def error_marker(launcher_pid: int | str) -> Path:
 
 
 def launch_argv(stage: str, options: list[str]) -> list[str]:
-    """accelerate launch's argv: the project's accelerate.yaml unless the options name another config."""
+    """accelerate launch's argv: the project's accelerate.yaml unless the options name another config.
+    `evaluate@NAME` (dvc.yaml's name for the evaluate stage of model NAME) runs stages.evaluate NAME."""
     if not any(o == "--config_file" or o.startswith("--config_file=") for o in options):
         options = ["--config_file", DEFAULT_CONFIG, *options]
-    return [*options, "-m", f"stages.{stage}"]
+    module, _, model = stage.partition("@")
+    return [*options, "-m", f"stages.{module}", *([model] if model else [])]
+
+
+def stage_name_problem(name: str) -> str | None:
+    """Why `name` is not a stage `gptlab run` starts (None when it is one)."""
+    module, at, model = name.partition("@")
+    if module not in STAGES:
+        return f"name a stage ({', '.join(STAGES)}, or {PER_MODEL}@MODEL), then any `accelerate launch` options"
+    if at and (module != PER_MODEL or not model):
+        return f"only {PER_MODEL} takes @MODEL (a name under evaluate.models in params.yaml), got {name!r}"
+    if module == PER_MODEL and not at:
+        return f"name the model: {PER_MODEL}@MODEL, MODEL one of the names under evaluate.models in params.yaml"
+    return None
 
 
 def check_config(path: Path) -> None:
@@ -239,9 +254,9 @@ def run_stage(stage: str, options: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in STAGES:
-        print(f"error: gptlab run: name a stage ({', '.join(STAGES)}), then any `accelerate launch` options",
-              file=sys.stderr)
+    problem = stage_name_problem(argv[0]) if argv else stage_name_problem("")
+    if problem:
+        print(f"error: gptlab run: {problem}", file=sys.stderr)
         return 2
     options = [*shlex.split(os.environ.get(LAUNCH_OPTIONS, "")), *argv[1:], *node_options(dict(os.environ))]
     return run_stage(argv[0], options)

@@ -23,13 +23,13 @@ def tokenizer_and_context(params: Params, stage: str) -> tuple[Tokenizer, int, s
     from gptlab.checkpoint import checkpoint_tokenizer, read_meta
     from gptlab.tokenizer import load_tokenizer
 
-    if stage == "sft" and params.sft.init != "pretrain":
+    if stage == "sft" and params.sft.init != str(paths.checkpoint_dir("pretrain")):
         from gptlab.hf_gpt2 import read_hf_config
         from gptlab.tokenizer import gpt2_tokenizer
 
         config = read_hf_config(Path(params.sft.init) / "config.json")
         return gpt2_tokenizer(), config.block_size, params.sft.init
-    parent = paths.checkpoint_dir("pretrain" if stage == "sft" else "sft")
+    parent = Path(params.sft.init) if stage == "sft" else paths.checkpoint_dir("sft")
     if (parent / "meta.json").exists():
         return checkpoint_tokenizer(parent), read_meta(parent)["model"]["block_size"], str(parent)
     if not (paths.TOKENIZER / "meta.json").exists():

@@ -138,7 +138,7 @@ def inherit(parent: str, device):
 
 def start_point(init: str, device):
     """sft.init: the pretrain checkpoint, or a Hugging Face GPT-2 folder (read from safetensors, never pickle)."""
-    if init == "pretrain":
+    if init == str(paths.checkpoint_dir("pretrain")):
         return inherit("pretrain", device)
     from gptlab.hf_gpt2 import load_hf_gpt2
 
@@ -156,7 +156,9 @@ def stage_inputs(parent_meta: dict, *files: Path) -> dict[str, str]:
 
 
 def stage_meta(stage: str, params: Params, sections: tuple[str, ...], init_from: str | None, **extra) -> dict:
-    """What a checkpoint records about how it was made (init_from: the start point's folder; None = scratch)."""
+    """What a checkpoint records about how it was made (init_from: the start point's folder; None = scratch).
+    Fine-tuning stages pass init_sha256, their start weights' SHA-256: for dpo also its reference's, which is
+    how evaluate finds the reference log-probs that belong to it."""
     return {
         "stage": stage,
         "init_from": init_from or "scratch",
