@@ -116,6 +116,16 @@ def test_a_dpo_only_experiment_rescores_only_the_dpo_model(tiny_project):
     assert "Running stage 'dpo'" in log and "Running stage 'evaluate@dpo'" in log
     for stage in ("pretrain", "sft", "ref_logps", "evaluate@pretrain", "evaluate@sft"):
         assert f"Running stage '{stage}'" not in log, stage
+    # the README's compact comparison: the kept results and params, a row for the baseline and the experiment
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    recipe = next(line for line in readme.splitlines() if line.startswith("dvc exp show --hide-workspace"))
+    table = sh(f"COLUMNS=400 {recipe}", p).stdout
+    header = next(line for line in table.splitlines() if "Experiment" in line).split()
+    assert header == ["Experiment", "metrics/evaluate/dpo/metrics.json:exact_match",
+                      "metrics/evaluate/dpo/metrics.json:exact_match_stderr", "metrics/evaluate/dpo/metrics.json:pref_acc",
+                      "reward_acc", "reward_acc_stderr", "sft.lr", "dpo.lr", "dpo.beta", "dpo.loss_type"]
+    rows = [line.split() for line in table.splitlines() if line.rstrip().endswith("sigmoid")]
+    assert [r[-2] for r in rows] == ["0.1", "0.2"]  # dpo.beta of the baseline, then the experiment's
     sh("git checkout -q -- . && dvc checkout -q", p)
 
 
