@@ -82,8 +82,7 @@ def main() -> None:
                 "val_rewards/margins": (cr - rj).mean().item()}
 
     template = sets.train[0].prompt.template
-    meta = stage_meta("dpo", params, ("dpo",), str(paths.checkpoint_dir("sft")), template=template,
-                      init_sha256=parent_meta["weights"]["sha256"])
+    meta = stage_meta("dpo", params, ("dpo",), str(paths.checkpoint_dir("sft")), parent_meta, template=template)
     train(policy, Task(next_batch, loss, evaluate), cfg, grad_accum, accelerator, "dpo", meta, tok,
           stage_inputs(parent_meta, *input_files(cfg.data, "dpo.data"), *sorted(paths.REF_LOGPS.glob("*"))))
 

@@ -58,8 +58,7 @@ def main() -> None:
     def evaluate(m):
         return {"val_loss": examples_loss(m, heldout, cfg.micro_batch_size, tok.eot_id)}
 
-    meta = stage_meta("sft", params, ("sft",), init_from, template=sets.train[0].template,
-                      init_sha256=parent_meta["weights"]["sha256"])
+    meta = stage_meta("sft", params, ("sft",), init_from, parent_meta, template=sets.train[0].template)
     train(model, Task(next_batch, loss, evaluate), cfg, grad_accum, accelerator, "sft", meta, tok,
           stage_inputs(parent_meta, *input_files(cfg.data, "sft.data")))
 

@@ -58,6 +58,15 @@ def test_repro_writes_every_output_and_metric(tiny_project):
     assert 0 < pretrain_live["entropy_floor"] < pretrain_live["val_loss"]
     assert set(pretrain_live["mc_llmc"]) == {"acc", "acc_norm"}
 
+    # provenance: the dpo checkpoint names its ancestors by hash and the commit the pipeline ran at
+    dpo_meta = json.loads((p / "checkpoints" / "dpo" / "meta.json").read_text())
+    head = sh("git rev-parse HEAD", p).stdout.strip()
+    assert [(a["stage"], a["weights_sha256"]) for a in dpo_meta["lineage"]] == [
+        (s, json.loads((p / "checkpoints" / s / "meta.json").read_text())["weights"]["sha256"]) for s in ("pretrain", "sft")]
+    assert dpo_meta["git"] == {"commit": head, "dirty": False}
+    info = sh("gptlab info checkpoints/dpo", p).stdout
+    assert info.count("(same weights here)") == 2 and info.count(f"git {head[:12]}") == 4
+
     lock = (p / "dvc.lock").read_text()
     assert all(f"  {stage}:" in lock for stage in ("tokenize", *MODELS, *(f"evaluate@{m}" for m in MODELS)))
     assert "up to date" in sh("dvc status", p).stdout
@@ -125,7 +134,8 @@ def test_a_dpo_only_experiment_rescores_only_the_dpo_model(tiny_project):
                       "metrics/evaluate/dpo/metrics.json:exact_match_stderr", "metrics/evaluate/dpo/metrics.json:pref_acc",
                       "reward_acc", "reward_acc_stderr", "sft.lr", "dpo.lr", "dpo.beta", "dpo.loss_type"]
     rows = [line.split() for line in table.splitlines() if line.rstrip().endswith("sigmoid")]
-    assert [r[-2] for r in rows] == ["0.1", "0.2"]  # dpo.beta of the baseline, then the experiment's
+    # dpo.beta of the baseline first, then the experiments' (earlier tests' experiments too)
+    assert rows[0][-2] == "0.1" and "0.2" in [r[-2] for r in rows[1:]]
     sh("git checkout -q -- . && dvc checkout -q", p)
 
 

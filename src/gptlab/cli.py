@@ -6,6 +6,7 @@
     gptlab show-example {sft,dpo} [--index 0] [--heldout] [--tokens]
                                                      (one training example with its loss tokens marked)
     gptlab export-hf CHECKPOINT OUT_DIR [--overwrite]  (a transformers GPT2LMHeadModel folder; see gptlab.export_hf)
+    gptlab info CHECKPOINT [--params] [--json]         (what made it: lineage with hashes, git commit, params)
     gptlab run STAGE [accelerate launch options]     (how dvc.yaml starts each stage, evaluate@MODEL too; see gptlab.launch)
     gptlab plan [--preset NAME] [--gpus 1] [--peak_tflops 989] [--mfu 0.4] [--micro_batch_size B] [--json]
                                                      (what pretraining will cost; see gptlab.plan)
@@ -299,7 +300,22 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("checkpoint", help="a checkpoint folder, e.g. checkpoints/dpo")
     x.add_argument("out_dir", help="folder to create (transformers, lm-evaluation-harness and vLLM load it)")
     x.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    i = sub.add_parser("info", help="what made a checkpoint: its lineage (pretrain -> sft -> dpo) with each hash")
+    i.add_argument("checkpoint", help="a checkpoint folder (or an export-hf folder), e.g. checkpoints/dpo")
+    i.add_argument("--params", action="store_true", help="also list the resolved params it was made with")
+    i.add_argument("--json", action="store_true", help="print meta.json's provenance fields as JSON")
     return p
+
+
+def info_text(args: argparse.Namespace) -> str:
+    import json
+
+    from gptlab.provenance import PROVENANCE_FIELDS, describe, read_provenance
+
+    if args.json:
+        meta = read_provenance(args.checkpoint)[0]
+        return json.dumps({k: meta[k] for k in PROVENANCE_FIELDS if k in meta}, indent=2)
+    return describe(args.checkpoint, args.params)
 
 
 def export_text(args: argparse.Namespace) -> str:
@@ -378,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "export-hf":
             print(export_text(args))
+            return 0
+        if args.command == "info":
+            print(info_text(args))
             return 0
         if args.command == "generate":
             run_generate(args)

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from gptlab import paths
+from gptlab import paths, provenance
 from gptlab.checkpoint import checkpoint_tokenizer, load_checkpoint
 from gptlab.config import GptlabError, Params, load_params
 from gptlab.data.shards import Shard, read_shard, shard_paths
@@ -155,15 +155,20 @@ def stage_inputs(parent_meta: dict, *files: Path) -> dict[str, str]:
     return {"init_weights": weights, **{str(f): file_sha256(f) for f in files}}
 
 
-def stage_meta(stage: str, params: Params, sections: tuple[str, ...], init_from: str | None, **extra) -> dict:
-    """What a checkpoint records about how it was made (init_from: the start point's folder; None = scratch).
-    Fine-tuning stages pass init_sha256, their start weights' SHA-256: for dpo also its reference's, which is
-    how evaluate finds the reference log-probs that belong to it."""
+def stage_meta(stage: str, params: Params, sections: tuple[str, ...], init_from: str | None = None,
+               parent_meta: dict | None = None, **extra) -> dict:
+    """What a checkpoint records about how it was made (see gptlab.provenance): its start point's folder
+    (None = scratch) and weights' hash, every ancestor, the git commit, and the resolved params sections. The
+    start point's hash is how evaluate finds a dpo model's reference log-probs."""
+    parent = {} if parent_meta is None else {"init_sha256": parent_meta["weights"]["sha256"]}
     return {
         "stage": stage,
         "init_from": init_from or "scratch",
+        **parent,
         **extra,
-        "params": {"seed": params.seed, **{s: asdict(getattr(params, s)) for s in sections}},
+        "lineage": [] if parent_meta is None else provenance.lineage(init_from, parent_meta),
+        "git": provenance.git_state(),
+        "params": {"seed": params.seed, "preset": params.preset, **{s: asdict(getattr(params, s)) for s in sections}},
     }
 
 
