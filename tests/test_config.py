@@ -64,6 +64,13 @@ def with_value(section: str, key: str, value) -> dict:
         ("tokenizer", "kind", "wordpiece", ["tokenizer.kind", "bpe"]),
         ("pretrain", "warmup_steps", 10**6, ["pretrain.warmup_steps", "max_steps"]),
         ("evaluate", "top_p", 0.0, ["evaluate.top_p"]),
+        ("evaluate", "models", {}, ["evaluate.models", "at least one"]),
+        ("evaluate", "models", ["checkpoints/sft"], ["evaluate.models", "mapping"]),
+        ("evaluate", "models", {"a b": "checkpoints/sft"}, ["evaluate.models.a b", "letters, digits"]),
+        ("evaluate", "models", {"x": "checkpoints/other"}, ["evaluate.models.x", "models/", "checkpoints/other"]),
+        ("evaluate", "models", {"x": "../outside"}, ["evaluate.models.x", "../outside"]),
+        ("evaluate", "models", {"x": 3}, ["evaluate.models.x", "string"]),
+        ("sft", "init", "pretrain", ["sft.init", "checkpoints/pretrain", "models/"]),
     ],
 )
 def test_bad_values_name_key_and_fix(section, key, value, needles):

@@ -14,6 +14,7 @@ from gptlab.evaluation import (
     binomial_stderr,
     lmeval_preprocess,
     mc_requests,
+    normalize_answer,
     multiple_choice_conventions,
     token_metrics,
 )
@@ -132,3 +133,14 @@ def test_hellaswag_items_through_the_hub_loading_code_on_a_local_copy(tmp_path):
     assert got["mc_lmeval"]["acc"] == expected(tok, "lmeval")[0]
     with pytest.raises(GptlabError, match=r"split test record 1: field 'label' is '', .*use the validation split"):
         hub_mc_items(str(repo), "", "test", "")
+
+
+@pytest.mark.parametrize("answer,reference,same", [
+    (" Paris.", "Paris", True),
+    ("the  Eiffel tower!", "Eiffel Tower", True),
+    ("An apple", "apple.", True),
+    ("Paris, France", "Paris", False),
+    ("42", "4 2", False),
+])
+def test_exact_match_normalises_case_punctuation_articles_and_spaces_only(answer, reference, same):
+    assert (normalize_answer(answer) == normalize_answer(reference)) is same

@@ -23,7 +23,7 @@ def test_evaluate_at_a_model_runs_the_evaluate_module_with_the_model_name():
 
 @pytest.mark.parametrize("name,needle", [
     ("evaluate", "name the model: evaluate@MODEL"),
-    ("evaluate@", "only evaluate takes @MODEL"),
+    ("evaluate@", "name the model: evaluate@MODEL"),
     ("sft@x", "only evaluate takes @MODEL"),
     ("pretrian", "name a stage"),
 ])

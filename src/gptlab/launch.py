@@ -63,9 +63,9 @@ def stage_name_problem(name: str) -> str | None:
     module, at, model = name.partition("@")
     if module not in STAGES:
         return f"name a stage ({', '.join(STAGES)}, or {PER_MODEL}@MODEL), then any `accelerate launch` options"
-    if at and (module != PER_MODEL or not model):
+    if at and module != PER_MODEL:
         return f"only {PER_MODEL} takes @MODEL (a name under evaluate.models in params.yaml), got {name!r}"
-    if module == PER_MODEL and not at:
+    if module == PER_MODEL and not model:
         return f"name the model: {PER_MODEL}@MODEL, MODEL one of the names under evaluate.models in params.yaml"
     return None
 
