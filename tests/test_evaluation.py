@@ -14,8 +14,8 @@ from gptlab.evaluation import (
     binomial_stderr,
     lmeval_preprocess,
     mc_requests,
-    normalize_answer,
     multiple_choice_conventions,
+    normalize_answer,
     token_metrics,
 )
 from gptlab.tokenizer import gpt2_tokenizer, train_tokenizer
