@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 
 from gptlab import paths, ref_logps
-from gptlab.data.finetune import input_files, preference_sets
-from gptlab.data.formats import encode_pairs
+from gptlab.data.finetune import input_files
 from gptlab.data.loader import Slicer, StepCache, step_rows
 from gptlab.evaluation import batch_pair_logps, pair_logps
 from gptlab.losses import dpo_loss
@@ -36,10 +35,8 @@ def main() -> None:
     cfg = params.dpo
     policy, parent_meta, tok = inherit("sft", accelerator.device)
     T = policy.config.block_size
-    sets = preference_sets(cfg.data, params.seed)
-    where = f"dpo.data ({sets.source})"
-    train_set = encode_pairs(tok, sets.train, T, cfg.max_prompt_tokens, where)
-    held_set = encode_pairs(tok, sets.heldout, T, cfg.max_prompt_tokens, f"{where}, held out")
+    sets, encoded = ref_logps.encoded_sets(cfg, params.seed, tok, T)
+    train_set, held_set = encoded["train"], encoded["heldout"]
     ref = ref_logps.read(parent_meta["weights"]["sha256"],
                          {name: ref_logps.pairs_fingerprint(s.items) for name, s in
                           (("train", train_set), ("heldout", held_set))})

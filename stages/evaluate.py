@@ -30,8 +30,8 @@ import torch
 from gptlab import paths, ref_logps
 from gptlab.checkpoint import META_FILE, checkpoint_tokenizer, load_checkpoint
 from gptlab.config import MODEL_NAME, PIPELINE_MODELS, GptlabError
-from gptlab.data.finetune import hub_mc_items, preference_sets, sft_sets
-from gptlab.data.formats import Conversation, Message, encode_pairs, encode_segments, segments
+from gptlab.data.finetune import hub_mc_items, sft_sets
+from gptlab.data.formats import Conversation, Message, encode_segments, segments
 from gptlab.data.loader import Windows
 from gptlab.data.records import read_mc, read_questions
 from gptlab.data.world import answer_matches, style_of
@@ -119,9 +119,7 @@ def preference_metrics(model, meta: dict, tok, params, strict: bool, note) -> di
     """Share of held-out pairs where the chosen response is more likely; for a dpo model also the share where
     its implicit reward beta*(logp - ref_logp) of chosen beats rejected, and the mean reward margin."""
     ecfg, dcfg = params.evaluate, params.dpo
-    sets = preference_sets(dcfg.data, params.seed)
-    encoded = encode_pairs(tok, sets.heldout, model.config.block_size, dcfg.max_prompt_tokens,
-                           f"dpo.data ({sets.source}), held out").items
+    encoded = ref_logps.encoded_sets(dcfg, params.seed, tok, model.config.block_size, ("heldout",))[1]["heldout"].items
     pairs = take(encoded, ecfg.max_pairs)
     chosen, rejected = pair_logps(model, pairs, ecfg.micro_batch_size, tok.eot_id)
     out = share(int((chosen > rejected).sum()), len(pairs), "pref_acc")

@@ -7,8 +7,6 @@ from __future__ import annotations
 import torch
 
 from gptlab import ref_logps
-from gptlab.data.finetune import preference_sets
-from gptlab.data.formats import encode_pairs
 from gptlab.evaluation import pair_logps
 from gptlab.stage import announce, inherit, run, start
 
@@ -20,11 +18,7 @@ def main() -> None:
     cfg = params.dpo
     ref, sft_meta, tok = inherit("sft", accelerator.device)
     ref.requires_grad_(False).eval()
-    sets = preference_sets(cfg.data, params.seed)
-    T = ref.config.block_size
-    where = f"dpo.data ({sets.source})"
-    encoded = {"train": encode_pairs(tok, sets.train, T, cfg.max_prompt_tokens, where),
-               "heldout": encode_pairs(tok, sets.heldout, T, cfg.max_prompt_tokens, f"{where}, held out")}
+    sets, encoded = ref_logps.encoded_sets(cfg, params.seed, tok, ref.config.block_size)
     logps = {}
     with torch.no_grad(), accelerator.autocast():
         for name, enc in encoded.items():

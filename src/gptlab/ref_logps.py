@@ -18,8 +18,9 @@ import safetensors.torch
 import torch
 
 from gptlab import paths
-from gptlab.config import GptlabError
-from gptlab.data.formats import Example
+from gptlab.config import DPOConfig, GptlabError
+from gptlab.data.finetune import Sets, preference_sets
+from gptlab.data.formats import Encoded, Example, encode_pairs
 from gptlab.fileio import atomic_path, atomic_write_json, read_json
 
 WEIGHTS = "logps.safetensors"
@@ -27,6 +28,15 @@ META = "meta.json"
 META_FIELDS = {"sft_sha256": str, "pairs": dict}
 SETS = ("train", "heldout")
 REMAKE = "rerun the ref_logps stage (dvc repro ref_logps)"
+
+
+def encoded_sets(cfg: DPOConfig, seed: int, tok, block_size: int,
+                 names: tuple[str, ...] = SETS) -> tuple[Sets, dict[str, Encoded]]:
+    """dpo.data's pairs, encoded as ref_logps, dpo and evaluate must all encode them (their fingerprints are
+    compared): (the sets, {name: encoded} for the named sets)."""
+    sets = preference_sets(cfg.data, seed)
+    where = {"train": f"dpo.data ({sets.source})", "heldout": f"dpo.data ({sets.source}), held out"}
+    return sets, {n: encode_pairs(tok, getattr(sets, n), block_size, cfg.max_prompt_tokens, where[n]) for n in names}
 
 
 def pairs_fingerprint(pairs: list[tuple[Example, Example]]) -> str:
