@@ -5,7 +5,7 @@
 
 Both sides decode the SAME weights (ours -> to_hf_state_dict -> theirs) from the SAME prompts with the same
 settings and thread count, side by side in one run:
-    ours:   gptlab.sampling.generate(model, prompts, 200)            # greedy, no stop id, KV cache on
+    ours:   gptlab.sampling.generate(model, prompts, Sampling(200))  # greedy, no stop id, KV cache on
     theirs: GPT2LMHeadModel.generate(idx, attention_mask=ones, do_sample=False, max_new_tokens=200,
                                      min_new_tokens=200, eos_token_id=None)   # greedy, its default KV cache
 Model: 6 layers, 6 heads, 384 wide, vocab 50304, block 1024 (GPT-2 small's shape at a quarter of the width),
@@ -17,9 +17,11 @@ Per batch size, after a warmup call per side, --rounds rounds alternate the two 
 round); each round is one generate call per side. Figures are medians over the rounds that began on a quiet
 machine (train_throughput.Quiet; all rounds if fewer than half did); ratio_vs_hf = our median tokens/s /
 theirs, ratio_paired the median of per-round ratios, ratio_best best round over best round.
-Where our time goes, and what made the difference (profiled with torch.profiler, 1 thread): at batch 1 a
-step is memory-bound, reading every weight once (~120 MB: the head's 77 MB, the blocks' 42 MB); at batch 8 the
-head's matmul dominates. See gptlab.sampling's docstring for what the decode path does about it. torch.compile
+Where our time goes (torch.profiler): a decode step is GPT.forward on one new token with the KV cache, and it is
+memory-bound, reading every weight once (~120 MB: the output head's 77 MB, the blocks' 42 MB). The output head
+decides it: x @ W.T on the (vocab, C) matrix runs ~9 ms at batch 1 and ~12 ms at batch 8 on 2 cores (MKL's
+few-row and matrix-vector kernels read that layout slowly), (W @ x.T).T ~2 ms and ~5 ms, so the last position's
+logits are computed that way round (gptlab.model.last_logits; transformers' generate uses x @ W.T). torch.compile
 of the decode step (inductor, dynamic shapes) was tried: ~50 s to compile on 2 cores and no faster (within 2%),
 so it is not offered.
 """
@@ -39,7 +41,7 @@ from machine_facts import torch_machine, write_report
 from train_throughput import Quiet
 
 from gptlab.model import GPT, GPTConfig, to_hf_state_dict
-from gptlab.sampling import generate
+from gptlab.sampling import Sampling, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 1024, "vocab_size": 50304}
@@ -75,7 +77,7 @@ def hf_generate(theirs, idx: torch.Tensor) -> torch.Tensor:
 
 
 def our_generate(ours, idx: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(generate(ours, idx.tolist(), NEW_TOKENS))
+    return torch.tensor(generate(ours, idx.tolist(), Sampling(NEW_TOKENS)))
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:

@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from gptlab import paths
-from gptlab.checkpoint import META_FILE
-from gptlab.config import PIPELINE_MODELS, ConfigError, preset_choices, preset_path
+from gptlab.checkpoint import check_model_folder
+from gptlab.config import PIPELINE_MODELS, ConfigError, GptlabError, preset_choices, preset_path
 from gptlab.data.finetune import check_files
 from gptlab.data.records import INFO_FIELDS
 from gptlab.data.sources import check_sources
@@ -25,21 +25,21 @@ from gptlab.stage import check_context, data_params, run, say, start
 PASSED = "params.yaml passed the checks of stages/check.py\n"  # constant: downstream stages never rerun for it
 
 
-def check_eval_models(models: dict[str, str]) -> None:
-    """evaluate.models folders under models/ exist and hold a checkpoint or a GPT-2 (the pipeline's own
-    checkpoints are made later)."""
-    from gptlab.hf_gpt2 import check_folder_tokenizer, is_hf_folder, read_hf_config
+def check_model(key: str, folder: str) -> int | None:
+    """A model folder a param names, checked as gptlab.checkpoint.load_model will open it (its JSON files only):
+    its context length; None for the pipeline's own checkpoints, which are made later."""
+    if folder in PIPELINE_MODELS.values():
+        return None
+    try:
+        return check_model_folder(folder).config.block_size
+    except GptlabError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
+
+def check_eval_models(models: dict[str, str]) -> None:
+    """evaluate.models folders under models/ exist and hold a checkpoint or a GPT-2."""
     for name, folder in models.items():
-        path, key = Path(folder), f"evaluate.models.{name}"
-        if folder in PIPELINE_MODELS.values() or (path / META_FILE).is_file():
-            continue
-        if not is_hf_folder(path):
-            what = "not found" if not path.exists() else f"holds neither {META_FILE} (a gptlab checkpoint) nor config.json"
-            raise ConfigError(f"{key}: {folder} {what}; put the model there (e.g. `gptlab export-hf CHECKPOINT "
-                              f"{folder}`) or remove the entry")
-        read_hf_config(path / "config.json")
-        check_folder_tokenizer(path)
+        check_model(f"evaluate.models.{name}", folder)
 
 
 def main() -> None:
@@ -48,17 +48,13 @@ def main() -> None:
     # local files: globs that match nothing, unreadable files, missing text fields (hub sources need the
     # network: tokenize checks those, still before any work)
     check_sources(params.data.sources, Path("."), None, kinds=("files",))
-    # fine-tuning data files (their first record against the schema) and an sft.init folder's config.json
+    # fine-tuning data files (their first record against the schema); below, the model folders params name
     for key, data in (("sft.data", params.sft.data), ("dpo.data", params.dpo.data)):
         say(accelerator, f"[check] {key}: {check_files(data, key)}")
     check_eval_models(params.evaluate.models)
     T, n = params.model.block_size, accelerator.num_processes
-    tuned_T = T  # the context sft and dpo inherit: pretrain's, or the GPT-2 folder's
-    if params.sft.init != PIPELINE_MODELS["pretrain"]:
-        from gptlab.hf_gpt2 import check_folder_tokenizer, read_hf_config
-
-        tuned_T = read_hf_config(Path(params.sft.init) / "config.json").block_size
-        check_folder_tokenizer(Path(params.sft.init))
+    tuned_T = check_model("sft.init", params.sft.init)  # the context sft and dpo inherit: the start point's,
+    tuned_T = T if tuned_T is None else tuned_T  # or (from checkpoints/pretrain) model.block_size
     params.pretrain.grad_accum_steps(T, n, "pretrain")
     params.sft.grad_accum_steps(tuned_T, n, "sft")
     params.dpo.grad_accum_steps(2 * tuned_T, n, "dpo")  # chosen and rejected: two sequences per pair

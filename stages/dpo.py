@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from gptlab import paths, ref_logps
+from gptlab import paths, provenance, ref_logps
+from gptlab.checkpoint import load_model
 from gptlab.data.finetune import input_files
 from gptlab.data.loader import Slicer, StepCache, step_rows
 from gptlab.evaluation import batch_pair_logps, pair_logps
 from gptlab.losses import dpo_loss
-from gptlab.stage import announce, inherit, run, stage_inputs, stage_meta, start
+from gptlab.stage import announce, run, stage_inputs, stage_meta, start
 from gptlab.train import Task, train
 
 
@@ -33,11 +34,11 @@ def reward_metrics(policy_chosen, policy_rejected, chosen_rewards, rejected_rewa
 def main() -> None:
     params, accelerator = start("dpo")
     cfg = params.dpo
-    policy, parent_meta, tok = inherit("sft", accelerator.device)
+    policy, tok, parent_meta = load_model(paths.checkpoint_dir("sft"), accelerator.device)
     T = policy.config.block_size
     sets, encoded = ref_logps.encoded_sets(cfg, params.seed, tok, T)
     train_set, held_set = encoded["train"], encoded["heldout"]
-    ref = ref_logps.read(parent_meta["weights"]["sha256"],
+    ref = ref_logps.read(provenance.init_sha256(parent_meta),
                          {name: ref_logps.pairs_fingerprint(s.items) for name, s in
                           (("train", train_set), ("heldout", held_set))})
     (ref_chosen, ref_rejected) = ref["train"]

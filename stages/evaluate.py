@@ -23,12 +23,11 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from gptlab import paths, ref_logps
-from gptlab.checkpoint import META_FILE, checkpoint_tokenizer, load_checkpoint
+from gptlab.checkpoint import load_model
 from gptlab.config import MODEL_NAME, PIPELINE_MODELS, GptlabError
 from gptlab.data.finetune import hub_mc_items, sft_sets
 from gptlab.data.formats import Conversation, Message, encode_segments, segments
@@ -44,8 +43,7 @@ from gptlab.evaluation import (
     token_metrics,
 )
 from gptlab.fileio import atomic_write_json, atomic_write_text
-from gptlab.hf_gpt2 import is_hf_folder, load_hf_gpt2
-from gptlab.sampling import generate
+from gptlab.sampling import Sampling, generate
 from gptlab.stage import announce, read_split, run, say, start
 from gptlab.tokenizer import load_tokenizer
 
@@ -73,20 +71,6 @@ def model_name(argv: list[str], models: dict[str, str]) -> str:
         raise GptlabError(f"evaluate: name one model of evaluate.models ({', '.join(models)}), {got}; dvc.yaml "
                           f"runs `gptlab run evaluate@NAME` for each")
     return argv[0]
-
-
-def load_model(name: str, folder: str, device):
-    """(model, meta, tokenizer) of a gptlab checkpoint or a Hugging Face GPT-2 folder."""
-    path = Path(folder)
-    if folder in PIPELINE_MODELS.values() or (path / META_FILE).is_file():
-        model, meta = load_checkpoint(path, device)  # checks the weights against meta.json's SHA-256
-        return model, meta, checkpoint_tokenizer(path)
-    if is_hf_folder(path):
-        return load_hf_gpt2(path, device)
-    what = "not found" if not path.exists() else f"holds neither a gptlab checkpoint ({META_FILE}) nor a Hugging " \
-                                                  "Face GPT-2 (config.json)"
-    raise GptlabError(f"evaluate.models.{name}: {folder} {what}; put the model there (gptlab export-hf writes a "
-                      f"Hugging Face folder) or remove the entry")
 
 
 def instructions(params) -> list[Instruction]:
@@ -162,8 +146,8 @@ def score_rows(metrics: dict) -> list[dict]:
 
 def samples(model, tok, prompts: list[list[int]], ecfg, seed: int) -> list[str]:
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    outs = generate(model, prompts, ecfg.max_new_tokens, temperature=ecfg.temperature, top_k=ecfg.top_k,
-                    top_p=ecfg.top_p, stop_id=tok.eot_id, generator=gen, n_vocab=tok.n_vocab)
+    settings = Sampling(ecfg.max_new_tokens, ecfg.temperature, ecfg.top_k, ecfg.top_p, stop_id=tok.eot_id)
+    outs = generate(model, prompts, settings, generator=gen, n_vocab=tok.n_vocab)
     return [tok.decode(o) for o in outs]
 
 
@@ -184,7 +168,7 @@ def main() -> None:
     ecfg, device = params.evaluate, accelerator.device
     name = model_name(sys.argv[1:], ecfg.models)
     folder = ecfg.models[name]
-    model, meta, tok = load_model(name, folder, device)  # all input checked before any scoring
+    model, tok, meta = load_model(folder, device)  # all input checked (the weights' SHA-256 too) before any scoring
     model.eval()
     data_tok = load_tokenizer(paths.TOKENIZER)
     val = read_split("evaluate", "val", data_tok) if tok.fingerprint == data_tok.fingerprint else None
@@ -198,7 +182,7 @@ def main() -> None:
     if val is not None:  # the val shard's ids mean something to this model only then
         m |= token_metrics(model, Windows(val, model.config.block_size), ecfg.val_batches, ecfg.micro_batch_size,
                            tok.token_bytes())
-    m["weights_sha256"] = meta["weights"]["sha256"]  # of the file scored: load_checkpoint checked it
+    m["weights_sha256"] = meta["weights"]["sha256"]  # of the file scored: load_model checked or computed it
     m = rounded(m)
     shown = {k: v for k, v in m.items() if not k.endswith("_stderr") and k != "weights_sha256"}
     announce(accelerator, f"evaluate@{name}", {"model": f"{folder} ({meta['stage']}, step {meta['step']})", **shown,

@@ -7,10 +7,9 @@ from gptlab import paths
 from gptlab.data.loader import Slicer, StepCache, Windows, step_windows
 from gptlab.data.records import INFO_FIELDS, read_mc
 from gptlab.evaluation import multiple_choice_conventions, shard_loss
-from gptlab.fileio import read_json
+from gptlab.fileio import file_sha256, read_json
 from gptlab.losses import token_loss
 from gptlab.model import GPT, GPTConfig
-from gptlab.resume import file_sha256
 from gptlab.stage import announce, check_context, read_split, run, stage_meta, start
 from gptlab.tokenizer import load_tokenizer, padded_vocab_size
 from gptlab.train import Task, train

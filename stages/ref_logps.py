@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from gptlab import ref_logps
+from gptlab import paths, provenance, ref_logps
+from gptlab.checkpoint import load_model
 from gptlab.evaluation import pair_logps
-from gptlab.stage import announce, inherit, run, start
+from gptlab.stage import announce, run, start
 
 
 def main() -> None:
@@ -16,7 +17,7 @@ def main() -> None:
     if not accelerator.is_main_process:
         return
     cfg = params.dpo
-    ref, sft_meta, tok = inherit("sft", accelerator.device)
+    ref, tok, sft_meta = load_model(paths.checkpoint_dir("sft"), accelerator.device)
     ref.requires_grad_(False).eval()
     sets, encoded = ref_logps.encoded_sets(cfg, params.seed, tok, ref.config.block_size)
     logps = {}
@@ -24,7 +25,7 @@ def main() -> None:
         for name, enc in encoded.items():
             logps[name] = pair_logps(ref, enc.items, cfg.micro_batch_size, tok.eot_id)
     fingerprints = {name: ref_logps.pairs_fingerprint(enc.items) for name, enc in encoded.items()}
-    ref_logps.write(logps, sft_meta["weights"]["sha256"], fingerprints)
+    ref_logps.write(logps, provenance.init_sha256(sft_meta), fingerprints)
     announce(accelerator, "ref_logps", {"data": sets.source, **{name: enc.describe() for name, enc in encoded.items()},
                                         "mean chosen logp": f"{logps['train'][0].mean():.3f}"})
 

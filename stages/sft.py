@@ -6,19 +6,20 @@ into micro-batches and processes (and how long each example's response is) does 
 """
 from __future__ import annotations
 
+from gptlab.checkpoint import load_model
 from gptlab.data.finetune import input_files, sft_sets
 from gptlab.data.formats import collate, encode_conversations
 from gptlab.data.loader import Slicer, StepCache, step_rows, to_device
 from gptlab.evaluation import examples_loss
 from gptlab.losses import token_loss
-from gptlab.stage import announce, run, stage_inputs, stage_meta, start, start_point
+from gptlab.stage import announce, run, stage_inputs, stage_meta, start
 from gptlab.train import Task, train
 
 
 def main() -> None:
     params, accelerator = start("sft")
     cfg = params.sft
-    model, parent_meta, tok = start_point(cfg.init, accelerator.device)
+    model, tok, parent_meta = load_model(cfg.init, accelerator.device)  # a checkpoint, or a Hugging Face GPT-2
     T = model.config.block_size
     sets = sft_sets(cfg.data, params.seed)
     where = f"sft.data ({sets.source})"

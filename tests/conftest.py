@@ -67,9 +67,25 @@ def copy_project(dest: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_project(tmp_path_factory) -> Path:
+def tokenized(tmp_path_factory) -> Path:
+    """The tiny project after `dvc repro tokenize`, made once per session: copy it with `tokenized_copy`."""
+    project = copy_project(tmp_path_factory.mktemp("tokenized") / "proj")
+    sh("dvc repro tokenize", project)
+    return project
+
+
+def tokenized_copy(tokenized: Path, dest: Path) -> Path:
+    """A project of its own whose tokenize stage is done and up to date (git history and DVC cache included),
+    so a test starts at pretrain without tokenizing the same tiny world again. DVC's state database holds
+    absolute paths and inodes: it is left behind and rebuilt."""
+    shutil.copytree(tokenized, dest, symlinks=True, ignore=shutil.ignore_patterns("tmp"))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tokenized, tmp_path_factory) -> Path:
     """A copy of the project with tiny params after one full `dvc repro`."""
-    project = copy_project(tmp_path_factory.mktemp("work") / "proj")
+    project = tokenized_copy(tokenized, tmp_path_factory.mktemp("work") / "proj")
     proc = sh("dvc repro", project)
     (project / "repro.log").write_text(proc.stdout + proc.stderr)
     return project

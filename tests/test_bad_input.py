@@ -257,7 +257,7 @@ CASES = [
          ("evaluate.models.x", "/tmp/x")),
     Case("evaluate-model-folder-not-a-model", set_param("evaluate.models", {"t": "models/README.md"}), "check",
          ("evaluate.models.t", "models/README.md", "holds neither")),
-    Case("evaluate-ref-logps-stale", write_text("data/ref_logps/meta.json", '{"sft_sha256": "ab", "pairs": {}}'),
+    Case("evaluate-ref-logps-stale", write_text("data/ref_logps/meta.json", '{"init_sha256": "ab", "pairs": {}}'),
          "evaluate dpo", ("data/ref_logps", "rerun the ref_logps stage")),
     # gptlab generate
     Case("generate-truncated", truncate("checkpoints/dpo/model.safetensors"), "generate checkpoints/dpo --prompt x",
@@ -273,7 +273,7 @@ CASES = [
          ("checkpoints/pretrain", "NaN")),
     # faults during training
     # (its metrics folder holds the failed run's curve up to the bad step: what a user needs to see why)
-    Case("loss-goes-nan", set_param("pretrain.lr", 1.0e30), "pretrain", ("pretrain", "loss is"), ("metrics/pretrain",)),
+    Case("loss-goes-nan", set_param("pretrain.lr", 1.0e30), "pretrain", ("pretrain", "loss is"), ("metrics/pretrain", "metrics/timing")),
 ]
 
 

@@ -1,5 +1,6 @@
 """Checkpoint folders: a save killed at any filesystem step leaves the old or the new checkpoint, whole, and
-the next save or load clears up after it; a damaged folder is one CheckpointError naming it and the fix."""
+the next save clears up after it, while a load only reads (it refuses a folder a killed save moved aside); a
+damaged folder is one CheckpointError naming it and the fix."""
 from __future__ import annotations
 
 import itertools
@@ -16,9 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptlab import checkpoint
+from gptlab import fileio
 from gptlab.checkpoint import (
-    FAULT_ENV,
     META_FILE,
     TOKENIZER_DIR,
     WEIGHTS_FILE,
@@ -29,6 +29,7 @@ from gptlab.checkpoint import (
     save_checkpoint,
 )
 from gptlab.config import TokenizerConfig
+from gptlab.fileio import FAULT_ENV, recover
 from gptlab.model import GPT, GPTConfig
 from gptlab.tokenizer import train_tokenizer
 
@@ -52,7 +53,7 @@ def holds(folder: Path) -> int | None:
     try:
         model, meta = load_checkpoint(folder)
     except CheckpointError as e:
-        assert "meta.json: not found" in str(e), e
+        assert "meta.json: not found" in str(e) and "interrupted" not in str(e), e
         return None
     seed = int(meta["stage"].removeprefix("seed"))
     expected = tiny(seed).state_dict()
@@ -60,12 +61,21 @@ def holds(folder: Path) -> int | None:
     return seed
 
 
-def holds_in_a_copy(folder: Path) -> int | None:
-    """holds() on a copy of the parent folder, so that load's clearing up happens there and the next save
-    still meets whatever the kill left behind; the copy must be tidy after the load."""
+def holds_after_recovery(folder: Path) -> int | None:
+    """What a kill left, seen by a reader and then by the next save: a load changes nothing on disk (it
+    loads the old or the new checkpoint, or refuses one moved aside, saying so); then, on a copy of the parent
+    folder (so the next save still meets whatever the kill left), the clearing up every save starts with
+    (fileio.recover) leaves a tidy folder holding the old or the new checkpoint. Returns its seed, or None."""
+    before = tree(folder.parent)
+    try:
+        holds(folder)
+    except AssertionError as e:  # holds() met the refusal of a folder moved aside
+        assert "was interrupted" in str(e) and f"dvc repro {folder.name}" in str(e), e
+    assert tree(folder.parent) == before  # reading never writes
     copy = folder.parent.with_name(folder.parent.name + "-copy")
     shutil.copytree(folder.parent, copy, symlinks=True)
     try:
+        recover(copy / folder.name)
         seed = holds(copy / folder.name)
         assert siblings(copy) <= {folder.name}
         return seed
@@ -75,6 +85,11 @@ def holds_in_a_copy(folder: Path) -> int | None:
 
 def siblings(parent: Path) -> set[str]:
     return {p.name for p in parent.iterdir()}
+
+
+def tree(parent: Path) -> dict[str, bytes | None]:
+    """Every path below `parent` and its bytes (None for a folder)."""
+    return {str(p.relative_to(parent)): None if p.is_dir() else p.read_bytes() for p in parent.rglob("*")}
 
 
 def save_killed_after(k: int, folder: Path, seed: int) -> bool:
@@ -102,8 +117,8 @@ def save_killed_after(k: int, folder: Path, seed: int) -> bool:
 def swap(request, monkeypatch) -> str:
     """Both ways a save swaps its folder in: renameat2's exchange, and the two renames used without it."""
     if request.param == "renames":
-        monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
-    elif checkpoint._renameat2() is None:
+        monkeypatch.setattr(fileio, "_exchange", lambda a, b: False)
+    elif fileio._renameat2() is None:
         pytest.skip("no renameat2 here")
     return request.param
 
@@ -132,14 +147,14 @@ def test_a_kill_at_any_step_leaves_the_old_or_the_new_checkpoint(tmp_path, swap,
         run = tmp_path / f"k{k}"
         shutil.copytree(base, run)
         finished = save_killed_after(k, run / "ck", 2)
-        assert holds_in_a_copy(run / "ck") in ({1, 2} if had_old else {None, 2}), k
+        assert holds_after_recovery(run / "ck") in ({1, 2} if had_old else {None, 2}), k
         if finished:
             assert siblings(run) == {"ck"}
             break
         save(run / "ck", 3)  # the next save clears up after the killed one
         assert siblings(run) == {"ck"} and holds(run / "ck") == 3
         shutil.rmtree(run)
-    assert k >= 10  # the hook really counted the steps
+    assert k >= 7  # the hook really counted the steps: make, 3 files, fsync, rename(s), fsync, and any delete
 
 
 def test_kills_while_clearing_up_after_earlier_kills(tmp_path, swap):
@@ -150,29 +165,39 @@ def test_kills_while_clearing_up_after_earlier_kills(tmp_path, swap):
     for i, k in enumerate([*range(14), *range(0, 14, 3), *range(14)]):
         target = i + 1
         save_killed_after(k, folder, target)
-        now = holds_in_a_copy(folder)
+        now = holds_after_recovery(folder)
         assert now in (current, target), (k, now)
         current = now
     save(folder, 99)
     assert siblings(folder.parent) == {"ck"} and holds(folder) == 99
 
 
-def test_load_puts_back_the_old_checkpoint_a_killed_save_moved_aside(tmp_path):
+def test_load_refuses_a_checkpoint_a_killed_save_moved_aside_and_the_next_save_puts_it_back(tmp_path):
     save(tmp_path / "ck", 1)
     dead = dead_pid()
     os.rename(tmp_path / "ck", tmp_path / f".ck.old-{dead}")
     (tmp_path / f".ck.tmp-{dead}").mkdir()  # the new one, half written
-    assert holds(tmp_path / "ck") == 1
-    assert siblings(tmp_path) == {"ck"}
+    before = tree(tmp_path)
+    for reader in (load_checkpoint, read_meta, checkpoint_tokenizer):
+        with pytest.raises(CheckpointError) as e:
+            reader(tmp_path / "ck")
+        message = str(e.value)
+        assert message.startswith(f"{tmp_path / 'ck' / META_FILE}: not found; a save of {tmp_path / 'ck'} was "
+                                  f"interrupted") and f".ck.old-{dead}" in message and "\n" not in message
+        assert "dvc repro ck" in message  # the fix: rerun the stage, whose save clears it up
+    assert tree(tmp_path) == before  # reading never writes
+    recover(tmp_path / "ck")  # what the next save of the folder starts with
+    assert holds(tmp_path / "ck") == 1 and siblings(tmp_path) == {"ck"}
 
 
-def test_a_half_deleted_old_folder_is_never_put_back(tmp_path):
+def test_a_half_deleted_folder_is_never_put_back(tmp_path):
     save(tmp_path / "ck", 1)
     dead = dead_pid()
-    os.rename(tmp_path / "ck", tmp_path / f".ck.old-{dead}")
-    (tmp_path / f".ck.old-{dead}" / META_FILE).unlink()  # _discard deletes meta.json first
+    os.rename(tmp_path / "ck", tmp_path / f".ck.del-{dead}")  # a folder is renamed .del before it is deleted
+    (tmp_path / f".ck.del-{dead}" / META_FILE).unlink()
     assert holds(tmp_path / "ck") is None
-    assert siblings(tmp_path) == set()
+    save(tmp_path / "ck", 2)
+    assert siblings(tmp_path) == {"ck"} and holds(tmp_path / "ck") == 2
 
 
 def test_a_live_writer_s_temp_folder_is_left_alone(tmp_path):

@@ -51,7 +51,7 @@ def test_console_script_defaults_and_errors(tmp_path, capsys):
                           "--max_tokens", "5", "--temperature", "0"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("ab")
     assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2
-    assert "meta.json: not found" in capsys.readouterr().err
+    assert f"{tmp_path / 'missing'}: not found; a model folder is a gptlab checkpoint" in capsys.readouterr().err
     assert main(["generate", str(tmp_path), "--prompt", "x", "--temperature", "-1"]) == 2
 
 
@@ -88,7 +88,7 @@ CONSOLE_CASES = {  # name: (damage to a fresh checkpoint folder, extra options, 
     "meta-not-json": (lambda f: replace(f / "meta.json", b"{"), [], "meta.json"),
     "unknown-model-key": (edit_meta(lambda m: m["model"].update(foo=1)), [], "'foo'"),
     "nan-weights": (nan_weights, [], "NaN"),
-    "not-a-checkpoint": (lambda f: (f / "meta.json").unlink(), [], "not a checkpoint folder"),
+    "not-a-checkpoint": (lambda f: (f / "meta.json").unlink(), [], "holds neither meta.json"),
     "missing-tokenizer": (lambda f: shutil.rmtree(f / "tokenizer"), [], "tokenizer"),
     "temperature-nan": (lambda f: None, ["--temperature", "nan"], "--temperature"),
     "tokenizer-fingerprint": (edit_meta(lambda m: m["tokenizer"].update(fingerprint="0" * 16)), [], "fingerprint"),

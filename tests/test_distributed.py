@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import safetensors.torch
-from conftest import copy_project, project_env, sh
+from conftest import project_env, sh, tokenized_copy
 
 WORKERS = Path(__file__).parent / "workers"
 pytestmark = pytest.mark.slow
@@ -32,10 +32,9 @@ def step_line(log: str, step: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
+def one_process(tokenized, tmp_path_factory):
     """A tokenized tiny project and the pretrain weights and log of one process (2 accumulated micro-batches)."""
-    project = copy_project(tmp_path_factory.mktemp("dist") / "proj")
-    sh("dvc repro tokenize", project)
+    project = tokenized_copy(tokenized, tmp_path_factory.mktemp("dist") / "proj")
     out = sh("gptlab run pretrain", project)
     assert "grad_accum 2" in out.stdout
     return project, weights(project), out.stdout

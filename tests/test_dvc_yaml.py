@@ -8,7 +8,7 @@ import yaml
 from gptlab import paths
 from gptlab.config import PIPELINE_MODELS, EvaluateConfig, SFTConfig
 from gptlab.launch import PER_MODEL, STAGES
-from gptlab.train import PLOTS_ONLY
+from gptlab.train import PLOTS_ONLY, TIMING
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -91,14 +91,22 @@ def test_top_level_metrics_and_plots():
     assert all(p["x"] == "step" for name, p in plots.items() if name != "evaluation")
     # each series is a file dvclive writes, under the column dvclive names after the metric's last part
     series = {f: col for name, p in plots.items() if name != "evaluation" for f, col in p["y"].items()}
+    timing = {f: col for f, col in series.items() if f.startswith(f"{paths.TIMING}/")}
     for f, col in series.items():
-        assert re.fullmatch(r"metrics/(pretrain|sft|dpo)/plots/metrics/(.+/)?" + re.escape(col) + r"\.tsv", f), f
+        if f not in timing:
+            assert re.fullmatch(r"metrics/(pretrain|sft|dpo)/plots/metrics/(.+/)?" + re.escape(col) + r"\.tsv", f), f
+    # timings live outside every stage's outputs (a rerun must not dirty git or dvc.lock) and are git-ignored
+    assert timing == {str(paths.timing_file(s)): "tokens_per_sec" for s in ("pretrain", "sft", "dpo")}
+    assert set(TIMING) >= set(timing.values())
+    assert f"/{paths.TIMING}/" in (ROOT / ".gitignore").read_text().split()
+    outs_all = {o for name in DVC["stages"] for o in outs(name)}
+    assert not any(str(paths.TIMING).startswith(o) or o.startswith(str(paths.TIMING)) for o in outs_all)
     for stage in ("pretrain", "sft", "dpo"):  # the learning-rate schedule and loss of every training stage
         assert series[f"metrics/{stage}/plots/metrics/lr.tsv"] == "lr"
         assert series[f"metrics/{stage}/plots/metrics/loss.tsv"] == "loss"
     assert series["metrics/pretrain/plots/metrics/entropy_floor.tsv"] == "entropy_floor"  # the reference line
     # the metrics the train loop keeps out of metrics.json are still plotted
-    assert {"lr", "tokens_per_sec"} <= set(series.values()) and set(PLOTS_ONLY) - {"ms_per_step"} <= set(series.values())
+    assert set(PLOTS_ONLY) <= set(series.values())
 
 
 def test_reference_log_probs_are_their_own_stage_so_a_beta_or_loss_sweep_reuses_them():
@@ -122,3 +130,89 @@ def test_fine_tuning_stages_depend_on_the_folders_their_local_inputs_live_in():
 def test_tokenize_depends_on_the_corpus_folder_and_it_is_committed():
     assert "corpus" in DVC["stages"]["tokenize"]["deps"]
     assert (ROOT / "corpus").is_dir() and any((ROOT / "corpus").iterdir())  # dvc needs the dep to exist
+
+
+# --- dependencies are the stages' import closure ------------------------------------------------------------
+
+def _module_file(name: str) -> Path | None:
+    """The project file that defines module `name` (stages.* or gptlab.*), or None for other packages."""
+    parts = name.split(".")
+    if parts[0] == "gptlab":
+        base = ROOT / "src" / Path(*parts)
+    elif parts[0] == "stages":
+        base = ROOT / Path(*parts)
+    else:
+        return None
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _module_name(file: Path) -> str:
+    rel = file.relative_to(ROOT / "src" if file.is_relative_to(ROOT / "src") else ROOT).with_suffix("")
+    return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+
+
+def _imported(file: Path) -> set[Path]:
+    """Project files that `file` imports anywhere (top level or inside a function), with the packages on the way
+    (importing gptlab.data.world runs gptlab/data/__init__.py too)."""
+    import ast
+
+    package = _module_name(file).split(".")
+    if file.name != "__init__.py":
+        package = package[:-1]
+    names: list[str] = []
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[: len(package) - node.level + 1] + [node.module or ""]) if node.level else node.module
+            base = base.strip(".")
+            names += [base] + [f"{base}.{a.name}" for a in node.names]  # `from gptlab import paths` is a module
+    found = set()
+    for name in names:
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):
+            f = _module_file(".".join(parts[:i]))
+            if f is not None:
+                found.add(f)
+    return found
+
+
+def import_closure(module: str) -> set[Path]:
+    todo, seen = [_module_file(module)], set()
+    while todo:
+        f = todo.pop()
+        if f not in seen:
+            seen.add(f)
+            todo += _imported(f) - seen
+    return seen
+
+
+def _covered(file: Path, deps: list[str]) -> bool:
+    rel = file.relative_to(ROOT).as_posix()
+    return any(rel == d or rel.startswith(d.rstrip("/") + "/") for d in deps)
+
+
+def test_import_closure_finds_what_a_stage_runs():
+    """The closure this test relies on sees top-level, relative and in-function imports and the packages."""
+    pretrain = {f.relative_to(ROOT).as_posix() for f in import_closure("stages.pretrain")}
+    assert {"stages/pretrain.py", "src/gptlab/model.py", "src/gptlab/train.py", "src/gptlab/evaluation.py",
+            "src/gptlab/tokenizer.py", "src/gptlab/config.py", "src/gptlab/data/__init__.py"} <= pretrain
+    assert not any(p.startswith("tests/") for p in pretrain)
+    assert not _covered(ROOT / "src/gptlab/model.py", ["src/gptlab/data", "stages/pretrain.py"])
+
+
+def test_every_stage_depends_on_every_project_file_it_imports():
+    """A file a stage imports can change its outputs: if dvc.yaml missed it, `dvc repro` would call the stage
+    up to date over numbers the code no longer produces. Only the launcher is allowed out: `gptlab run` reaches
+    the stage through these, and they set no number (the stage module is run with `accelerate launch -m`)."""
+    launcher = {ROOT / "src/gptlab/cli.py", ROOT / "src/gptlab/launch.py"}
+    missing = []
+    for name, spec in DVC["stages"].items():
+        spec = spec.get("do", spec)
+        for f in sorted(import_closure(f"stages.{name}") - launcher):
+            if not _covered(f, [str(d) for d in spec["deps"]]):
+                missing.append(f"{name}: {f.relative_to(ROOT)}")
+    assert not missing, "dvc.yaml misses these stage dependencies (stage: file):\n" + "\n".join(missing)

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
+import os
 import random
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ import torch
 from gptlab.checkpoint import CheckpointError, save_checkpoint
 from gptlab.config import GptlabError, TokenizerConfig
 from gptlab.export_hf import export_hf, hf_tokenizer_files, tiktoken_to_hf
+from gptlab.fileio import FAULT_ENV
 from gptlab.hf_gpt2 import load_hf_gpt2
 from gptlab.model import GPT, GPTConfig
 from gptlab.tokenizer import EOT, GPT2_PATTERN, TiktokenTokenizer, gpt2_tokenizer, train_tokenizer
@@ -154,7 +159,8 @@ def test_char_checkpoint_exports_weights_and_a_note_but_no_tokenizer(tmp_path):
 def bpe_texts() -> tuple[str, list[str]]:
     """Training text (this project's code and docs) and varied held-out strings: other prose and code, the
     VARIED cases, and random strings over a pool of scripts, digits, whitespace, apostrophes and emoji."""
-    train = "".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "src/gptlab").glob("*.py"))])
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    train = "".join(p.read_text() for p in [*docs, *sorted((ROOT / "src/gptlab").glob("*.py"))])
     held_out = "".join(p.read_text() for p in sorted((ROOT / "tests").glob("test_*.py"))[:8])
     rng = random.Random(0)
     samples = [held_out[i:i + rng.randrange(1, 300)] for i in rng.sample(range(len(held_out)), 300)]
@@ -200,12 +206,12 @@ def small(tmp_path) -> Path:
 
 def test_missing_or_non_checkpoint_source_is_named(tmp_path):
     missing = tmp_path / "missing"
-    error(f"{missing}/meta.json: not found; {missing} does not exist", missing, tmp_path / "out",
+    error(f"{missing}: not found; a model folder is a gptlab checkpoint", missing, tmp_path / "out",
           kind=CheckpointError)
     plain = tmp_path / "plain"
     plain.mkdir()
     (plain / "notes.txt").write_text("hi")
-    error(f"{plain} is not a checkpoint folder", plain, tmp_path / "out", kind=CheckpointError)
+    error(f"{plain}: holds neither meta.json", plain, tmp_path / "out", kind=CheckpointError)
     assert not (tmp_path / "out").exists()
 
 
@@ -251,6 +257,42 @@ def test_a_killed_exports_temp_folder_is_cleared(small, tmp_path):
     assert not dead.exists() and (tmp_path / "out" / "config.json").is_file()
     export_hf(small, tmp_path / "new" / "parents" / "out")  # missing parent folders are made
     assert (tmp_path / "new" / "parents" / "out" / "model.safetensors").is_file()
+
+
+def test_an_export_killed_at_any_step_leaves_the_old_or_the_new_folder(small, tmp_path):
+    """SIGKILL after each write step (the FAULT_ENV hook, in a forked child): OUT_DIR holds the old folder or the
+    new export, whole, or (between two renames) nothing, the old one aside; the next export clears up."""
+    export_hf(small, tmp_path / "ref")
+    new = folder_bytes(tmp_path / "ref")
+    base = tmp_path / "base"
+    (base / "out").mkdir(parents=True)
+    (base / "out" / "keep.txt").write_text("old")
+    for k in itertools.count():
+        run = tmp_path / f"k{k}"
+        shutil.copytree(base, run)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.environ[FAULT_ENV] = str(k)
+                export_hf(small, run / "out", overwrite=True)
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        now = folder_bytes(run / "out") if (run / "out").exists() else None
+        assert now in ({"keep.txt": b"old"}, new) or (now is None and len(list(run.glob(".out.old-*"))) == 1), k
+        if os.WIFEXITED(status):
+            assert os.WEXITSTATUS(status) == 0 and [p.name for p in run.iterdir()] == ["out"]
+            break
+        assert os.WTERMSIG(status) == signal.SIGKILL
+        export_hf(small, run / "out", overwrite=True)
+        assert folder_bytes(run / "out") == new and [p.name for p in run.iterdir()] == ["out"]
+    assert k >= len(new) + 4  # the hook counted every file written
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
 def test_the_command_line_exports_and_refuses_in_one_line(tmp_path):

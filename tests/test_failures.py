@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_project, merge, project_env, sh
+from conftest import copy_project, merge, project_env, sh, tokenized_copy
 
 pytestmark = pytest.mark.slow
 OUTPUTS = ("data", "checkpoints", "metrics")
@@ -102,10 +102,9 @@ def test_two_ranks_report_a_bad_input_once_with_no_launcher_report(tiny_project)
 
 
 @pytest.fixture
-def long_run(tmp_path) -> Path:
+def long_run(tokenized, tmp_path) -> Path:
     """A copy of the tiny project whose tokenize is done and whose pretrain would run for minutes."""
-    project = copy_project(tmp_path / "long")
-    sh("dvc repro tokenize", project)
+    project = tokenized_copy(tokenized, tmp_path / "long")
     edit_params(project, {"pretrain": {"max_steps": 100000, "eval_interval": 100000, "log_interval": 1000}})
     return project
 

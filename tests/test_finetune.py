@@ -215,7 +215,7 @@ def test_data_config_is_checked_before_any_work():
         sft({"format": "alpaca", "path": "tatsu-lab/alpaca"})
     with pytest.raises(ConfigError, match="sft.data.path: not for format world"):
         sft({"format": "world", "path": "tatsu-lab/alpaca"})
-    with pytest.raises(ConfigError, match="sft.init: must be checkpoints/pretrain or a Hugging Face GPT-2 folder under models/"):
+    with pytest.raises(ConfigError, match="sft.init: must be checkpoints/pretrain or a model folder under models/"):
         sft({}, init="/tmp/gpt2")
     with pytest.raises(ConfigError, match="dpo.label_smoothing: only sigmoid and robust use it"):
         parse_params({"dpo": {"loss_type": "hinge", "label_smoothing": 0.1}})

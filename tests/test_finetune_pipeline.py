@@ -8,7 +8,7 @@ import math
 
 import pytest
 import yaml
-from conftest import copy_project, project_env, sh
+from conftest import copy_project, project_env, sh, tokenized_copy
 
 pytestmark = pytest.mark.slow
 T = 128  # conftest's TINY block_size
@@ -34,10 +34,10 @@ def run(project, stage, processes=1):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def project(tokenized, tmp_path_factory):
     """A tiny project whose sft data is prompt/completion jsonl and dpo data prompt/chosen/rejected jsonl, with
     responses from 1 to ~60 tokens, tokenized and pretrained."""
-    p = copy_project(tmp_path_factory.mktemp("ft") / "proj")
+    p = tokenized_copy(tokenized, tmp_path_factory.mktemp("ft") / "proj")  # tokenize reads none of what follows
     sft_rows = [{"prompt": f"Say it {i % 7 + 1} times:", "completion": " again" * (1 + (i * 37) % 60)} for i in range(80)]
     pref_rows = [{"prompt": f"Yes or no ({i})?", "chosen": " yes" * (1 + i % 3), "rejected": " no" * (1 + (i * 13) % 50)}
                  for i in range(80)]
@@ -48,7 +48,7 @@ def project(tmp_path_factory):
                     "max_steps": STEPS, "log_interval": 1, "eval_interval": STEPS, "warmup_steps": 1},
                dpo={"data": {"format": "preference", "paths": ["finetune/prefs.jsonl"], "val_share": 0.1},
                     "max_steps": STEPS, "log_interval": 1, "eval_interval": STEPS, "warmup_steps": 1})
-    sh("dvc repro tokenize", p)
+    assert "didn't change" in sh("dvc repro tokenize", p).stdout  # the copy's tokenize is up to date
     run(p, "pretrain")
     return p
 
@@ -127,7 +127,7 @@ def gpt2_folder():
 
 
 def test_sft_on_own_chat_jsonl_from_a_gpt2_folder_with_dvc_exp_run(tmp_path, gpt2_folder):
-    """The README's commands: a GPT-2 folder under models/, chat jsonl under finetune/, one `dvc exp run`."""
+    """The commands of docs/03-fine-tuning.md: a GPT-2 folder under models/, chat jsonl under finetune/, one `dvc exp run`."""
     p = copy_project(tmp_path / "proj")
     sh("dvc repro", p)
     gpt2_folder.save_pretrained(p / "models" / "tiny-gpt2")

@@ -1,4 +1,5 @@
-"""gptlab.hf_gpt2: a local Hugging Face GPT-2 folder as a fine-tuning start point."""
+"""gptlab.hf_gpt2: a local Hugging Face GPT-2 folder as a fine-tuning start point, and every command opening it
+through the one loader (gptlab.checkpoint.load_model)."""
 import hashlib
 import json
 import pickle
@@ -7,9 +8,14 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from conftest import ROOT
 
+from gptlab.checkpoint import GPTLAB, HF, check_model_folder, load_model, save_checkpoint
+from gptlab.cli import main as cli_main
+from gptlab.config import ConfigError, TokenizerConfig
 from gptlab.hf_gpt2 import HFImportError, is_hf_folder, load_hf_gpt2
-from gptlab.model import GPTConfig
+from gptlab.model import GPT, GPTConfig
+from gptlab.tokenizer import train_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -71,7 +77,7 @@ def test_save_pretrained_folder_gives_same_logits(saved):
     assert meta["model"] == {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, "vocab_size": 50257,
                              "bias": True, "dropout": 0.0}
     GPTConfig(**meta["model"])  # the key names are GPTConfig's, as in a checkpoint's meta.json
-    assert meta["stage"] == "hf" and meta["step"] == 0 and meta["init_from"] == str(folder)
+    assert meta["stage"] == "hf" and meta["step"] == 0 and "init_from" not in meta  # nothing of ours made it
     assert meta["tokenizer"]["kind"] == "gpt2" and meta["tokenizer"]["fingerprint"] == tok.fingerprint
     data = (folder / "model.safetensors").read_bytes()
     assert meta["weights"] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -262,3 +268,101 @@ def test_foreign_tokenizer_is_refused(saved, tmp_path):
     (folder / "vocab.json").unlink()
     (folder / "merges.txt").write_text("#version: 0.2\nh e\n")
     error(folder, f"{folder / 'merges.txt'}: this folder's tokenizer is not GPT-2's")
+
+
+# 5. one loader: every command opens a Hugging Face GPT-2 folder as sft.init and evaluate.models do
+
+
+def test_load_model_opens_a_hugging_face_folder_and_a_checkpoint(saved, tmp_path):
+    hf, folder = saved
+    model, tok, meta = load_model(folder)
+    assert meta == load_hf_gpt2(folder)[1] and tok.kind == "gpt2"
+    logits_close(model, hf)
+    found = check_model_folder(folder)  # the same checks but the weights', from the JSON files
+    assert (found.kind, found.config, found.tokenizer().fingerprint) == (HF, model.config, tok.fingerprint)
+    char = train_tokenizer(TokenizerConfig(kind="char"), ["abcdefgh"])
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ck", GPT(GPTConfig(1, 2, 16, 64, char.n_vocab)), {"stage": "t", "step": 3}, char)
+    model, tok, meta = load_model(tmp_path / "ck")
+    assert (meta["stage"], meta["step"], tok.fingerprint) == ("t", 3, char.fingerprint)
+    assert check_model_folder(tmp_path / "ck").kind == GPTLAB
+
+
+def test_generate_info_and_export_hf_take_a_hugging_face_folder(saved, tmp_path, capsys):
+    hf, folder = saved
+    assert cli_main(["generate", str(folder), "--prompt", "Hello", "--max_tokens", "4", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Hello") and len(out.rstrip("\n")) > len("Hello")
+    assert cli_main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    sha = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert f"{folder}: a Hugging Face GPT-2 folder" in out and f"stage hf, step 0, weights sha256 {sha}" in out
+    assert cli_main(["export-hf", str(folder), str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    model, _, meta = load_model(tmp_path / "out")
+    logits_close(model, hf)
+    assert json.loads((tmp_path / "out" / "gptlab_meta.json").read_text())["weights"]["sha256"] == sha
+
+
+def test_info_follows_a_lineage_back_to_a_hugging_face_start_point(saved, tmp_path, capsys):
+    from gptlab.config import Params
+    from gptlab.stage import stage_meta
+
+    folder = saved[1]
+    model, tok, meta = load_model(folder)
+    save_checkpoint(tmp_path / "sft", model, {**stage_meta("sft", Params(), ("sft",), str(folder), meta), "step": 1}, tok)
+    assert cli_main(["info", str(tmp_path / "sft")]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[3].split()[:2] == ["hf", "step"] and rows[3].endswith(f"{folder} (same weights here)")
+
+
+def _no_weights(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    (dst / "config.json").write_bytes((src / "config.json").read_bytes())
+    (dst / "pytorch_model.bin").write_bytes(b"not read")
+    return dst
+
+
+def _without_config(src: Path, dst: Path) -> Path:
+    copy_folder(src, dst)
+    (dst / "config.json").unlink()
+    return dst
+
+
+def _a_file(src: Path, dst: Path) -> Path:
+    dst.write_text("x")
+    return dst
+
+
+BAD_FOLDERS = {  # name: (make it from the saved folder, what the one line names)
+    "missing": (lambda src, dst: dst, "not found"),
+    "neither-file": (_without_config, "holds neither meta.json (a gptlab checkpoint) nor config.json"),
+    "a-file": (_a_file, "holds neither"),
+    "other-architecture": (lambda src, dst: edit_config(src, dst, model_type="gpt_neo"), "model_type is \"gpt_neo\""),
+    "pickled-only": (_no_weights, "pickled weights are not loaded"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_FOLDERS)
+def test_a_bad_folder_gets_the_same_line_from_every_command_and_the_check_stage(saved, tmp_path, capsys,
+                                                                                monkeypatch, name):
+    make, needle = BAD_FOLDERS[name]
+    folder = str(make(saved[1], tmp_path / "m"))
+    lines = {}
+    for command in (["generate", folder, "--prompt", "x"], ["info", folder], ["export-hf", folder, str(tmp_path / "o")]):
+        assert cli_main(command) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        lines[command[0]] = err.removeprefix("error: ").rstrip("\n")
+    monkeypatch.syspath_prepend(str(ROOT))
+    from stages.check import check_eval_models, check_model
+
+    with pytest.raises(ConfigError) as e:
+        check_eval_models({"m": folder})
+    lines["check evaluate.models"] = str(e.value).removeprefix("evaluate.models.m: ")
+    with pytest.raises(ConfigError) as e:
+        check_model("sft.init", folder)
+    lines["check sft.init"] = str(e.value).removeprefix("sft.init: ")
+    assert len(set(lines.values())) == 1, lines
+    assert needle in lines["generate"] and folder in lines["generate"]
+    assert not (tmp_path / "o").exists()

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gptlab import cpu_head
 from gptlab.model import GPT, GPTConfig, from_hf_state_dict, to_hf_state_dict
-from gptlab.sampling import generate
+from gptlab.sampling import Sampling, generate
 
 TINY = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100)
 
@@ -177,6 +178,22 @@ def test_cached_chunks_longer_than_one_token_stay_causal():
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_last_only_gives_the_last_positions_logits(batch):
+    model = make_model()
+    idx = torch.randint(0, TINY.vocab_size, (batch, 10))
+    with torch.no_grad():
+        full = model(idx)  # (B, T, V)
+        last = model(idx, last_only=True)  # (B, 1, V)
+        cache = model.new_cache()
+        prefill = model(idx[:, :6], cache, last_only=True)
+        steps = [model(idx[:, t:t + 1], cache, last_only=True) for t in range(6, 10)]
+    assert last.shape == (batch, 1, TINY.vocab_size)
+    assert torch.allclose(last, full[:, -1:], atol=1e-5)
+    assert torch.allclose(prefill, full[:, 5:6], atol=1e-5)
+    assert torch.allclose(torch.cat(steps, dim=1), full[:, 6:], atol=1e-5)
+
+
 def test_cache_overflow_raises():
     model = make_model()
     cache = model.new_cache()
@@ -189,16 +206,16 @@ def test_cache_overflow_raises():
 def test_batched_greedy_generate_matches_naive_loop():
     model = make_model()
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8], [9], [10, 11, 12, 13, 14]]
-    got = generate(model, prompts, max_new_tokens=6)
+    got = generate(model, prompts, Sampling(6))
     assert got == [naive_greedy(model, p, 6) for p in prompts]
 
 
 def test_generate_truncates_before_stop_id():
     model = make_model()
     prompts = [[1, 2, 3], [4, 5]]
-    full = generate(model, prompts, max_new_tokens=8)
+    full = generate(model, prompts, Sampling(8))
     stop = full[0][2]
-    got = generate(model, prompts, max_new_tokens=8, stop_id=stop)
+    got = generate(model, prompts, Sampling(8, stop_id=stop))
     assert got[0] == full[0][: full[0].index(stop)]
     expected_1 = full[1][: full[1].index(stop)] if stop in full[1] else full[1]
     assert got[1] == expected_1
@@ -208,15 +225,15 @@ def test_generate_truncates_before_stop_id():
 def test_generate_past_block_size_matches_cropped_naive_loop():
     model = make_model()
     prompts = [list(range(1, 14)), list(range(20, 40)), [3, 4]]  # 13, 20 (> block_size) and 2 tokens
-    got = generate(model, prompts, max_new_tokens=10)
+    got = generate(model, prompts, Sampling(10))
     assert got == [naive_greedy(model, p, 10) for p in prompts]
 
 
 def test_generate_rejects_empty_prompt_and_restores_mode():
     model = make_model().train()
     with pytest.raises(ValueError, match="prompt"):
-        generate(model, [[1], []], max_new_tokens=2)
-    generate(model, [[1, 2]], max_new_tokens=2)
+        generate(model, [[1], []], Sampling(2))
+    generate(model, [[1, 2]], Sampling(2))
     assert model.training
 
 
@@ -226,15 +243,15 @@ def test_generate_rejects_empty_prompt_and_restores_mode():
 def test_top_k_one_equals_greedy():
     model = make_model()
     prompts = [[1, 2, 3], [4, 5]]
-    greedy = generate(model, prompts, max_new_tokens=6)
-    assert generate(model, prompts, max_new_tokens=6, temperature=1.0, top_k=1) == greedy
+    greedy = generate(model, prompts, Sampling(6))
+    assert generate(model, prompts, Sampling(6, temperature=1.0, top_k=1)) == greedy
 
 
 def test_tiny_top_p_equals_greedy():
     model = make_model()
     prompts = [[1, 2, 3], [4, 5]]
-    greedy = generate(model, prompts, max_new_tokens=6)
-    assert generate(model, prompts, max_new_tokens=6, temperature=1.0, top_p=1e-6) == greedy
+    greedy = generate(model, prompts, Sampling(6))
+    assert generate(model, prompts, Sampling(6, temperature=1.0, top_p=1e-6)) == greedy
 
 
 def test_seeded_sampling_is_reproducible_and_random():
@@ -243,7 +260,7 @@ def test_seeded_sampling_is_reproducible_and_random():
 
     def sample(seed):
         gen = torch.Generator().manual_seed(seed)
-        return generate(model, prompts, max_new_tokens=8, temperature=1.5, generator=gen)
+        return generate(model, prompts, Sampling(8, temperature=1.5), generator=gen)
 
     assert sample(0) == sample(0)
     assert sample(0) != sample(1)
@@ -273,8 +290,8 @@ def test_dropout_is_stochastic_in_train_and_deterministic_in_eval():
 class PaddingLover(GPT):
     """A GPT whose vocabulary padding (ids 50..63) is by far the most likely."""
 
-    def forward(self, idx, cache=None):
-        logits = super().forward(idx, cache)
+    def forward(self, idx, cache=None, segments=None, last_only=False):
+        logits = super().forward(idx, cache, segments, last_only)
         logits[..., 50:] += 100.0
         return logits
 
@@ -282,8 +299,96 @@ class PaddingLover(GPT):
 def test_generate_never_picks_vocabulary_padding():
     torch.manual_seed(0)
     model = PaddingLover(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=64))
-    assert min(generate(model, [[1, 2, 3]], 8)[0]) >= 50  # unrestricted, padding wins
+    assert min(generate(model, [[1, 2, 3]], Sampling(8))[0]) >= 50  # unrestricted, padding wins
     for temperature in (0.0, 1.0):
-        out = generate(model, [[1, 2, 3]], 8, temperature=temperature, n_vocab=50,
+        out = generate(model, [[1, 2, 3]], Sampling(8, temperature=temperature), n_vocab=50,
                        generator=torch.Generator().manual_seed(0))
         assert max(out[0]) < 50
+
+
+# 8. the CPU output head (gptlab.cpu_head): nn.Linear's values, memory kept between steps
+
+HEAD_C, HEAD_V = 16, 8192
+HEAD_ROWS = (4, 256)  # 4 x 256 x 8192 fp32 logits = 32 MiB, the size from which the head keeps their memory
+
+
+@pytest.fixture
+def fresh_buffers(monkeypatch):
+    monkeypatch.setattr(cpu_head, "BUFFERS", cpu_head._Buffers())
+    return cpu_head.BUFFERS
+
+
+def heads(seed: int = 0) -> tuple[cpu_head.OutputHead, torch.nn.Linear]:
+    torch.manual_seed(seed)
+    ours = cpu_head.OutputHead(HEAD_C, HEAD_V, bias=False)
+    plain = torch.nn.Linear(HEAD_C, HEAD_V, bias=False)
+    plain.weight = torch.nn.Parameter(ours.weight.detach().clone())
+    return ours, plain
+
+
+def test_output_head_gives_nn_linears_logits_and_gradients_bitwise(fresh_buffers):
+    ours, plain = heads()
+    for seed in range(3):  # the second and third calls write into kept memory
+        x = torch.randn(*HEAD_ROWS, HEAD_C, generator=torch.Generator().manual_seed(seed))
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), plain(xb)
+        assert torch.equal(ya, yb)
+        g = torch.randn(ya.shape, generator=torch.Generator().manual_seed(10 + seed))
+        ya.backward(g)
+        yb.backward(g)
+        assert torch.equal(xa.grad, xb.grad) and torch.equal(ours.weight.grad, plain.weight.grad)
+        ours.weight.grad = plain.weight.grad = None
+        del ya, yb
+    assert len(fresh_buffers.buffers) == 1  # no logits outlived their call: one buffer served every call
+
+
+def test_training_with_the_output_head_is_bitwise_training_with_nn_linear(fresh_buffers):
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=HEAD_V)
+
+    def train(plain_head: bool) -> dict[str, torch.Tensor]:
+        model = make_model(config).train()
+        if plain_head:
+            head = torch.nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            head.weight = model.transformer.wte.weight  # tied, as GPT ties it
+            model.lm_head = head
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            idx, targets = torch.randint(0, HEAD_V, (2, 16, 64), generator=gen)  # 16 x 64 x 8192 fp32 = 32 MiB
+            loss = F.cross_entropy(model(idx).view(-1, HEAD_V), targets.view(-1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return model.state_dict()
+
+    ours, plain = train(plain_head=False), train(plain_head=True)
+    assert isinstance(make_model(config).lm_head, cpu_head.OutputHead) and fresh_buffers.buffers
+    assert all(torch.equal(ours[k], plain[k]) for k in plain)
+
+
+def test_output_head_reuses_memory_only_once_nothing_holds_the_logits(fresh_buffers):
+    ours, plain = heads()
+    x = [torch.randn(*HEAD_ROWS, HEAD_C, generator=torch.Generator().manual_seed(s)) for s in range(6)]
+    with torch.no_grad():
+        first = ours(x[0]).data_ptr()
+        assert ours(x[1]).data_ptr() == first  # the last logits are gone: their memory again
+        held = ours(x[2])
+        view = ours(x[3])[0, :3]  # only a view of these is left
+        both_kept = ours(x[4])  # both buffers in use: fresh memory, as nn.Linear's
+        assert len({held.data_ptr(), view.data_ptr(), both_kept.data_ptr()}) == 3
+        assert torch.equal(held, plain(x[2])) and torch.equal(view, plain(x[3])[0, :3])
+        del held, both_kept
+        assert ours(x[5]).data_ptr() == first  # the held logits are gone now
+        assert torch.equal(view, plain(x[3])[0, :3])  # and the view's memory was left alone
+
+
+def test_output_head_leaves_logits_autograd_saved_alone(fresh_buffers):
+    ours, plain = heads()
+    x = torch.randn(*HEAD_ROWS, HEAD_C)
+    loss = (ours(x) ** 2).sum()  # pow saves the logits for its backward; no Python name holds them
+    with torch.no_grad():
+        ours(torch.randn(*HEAD_ROWS, HEAD_C))
+        ours(torch.randn(*HEAD_ROWS, HEAD_C))
+    loss.backward()
+    (plain(x) ** 2).sum().backward()
+    assert torch.equal(ours.weight.grad, plain.weight.grad)

@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 from accelerate import Accelerator
-from conftest import copy_project, project_env, sh
+from conftest import project_env, sh, tokenized_copy
 
-from gptlab import paths, resume
+from gptlab import fileio, paths, resume
 from gptlab.config import GptlabError, TokenizerConfig, TrainConfig
 from gptlab.losses import token_loss
 from gptlab.model import GPT, GPTConfig
@@ -116,7 +116,7 @@ def test_a_half_written_state_is_ignored_and_cleared(workdir):
     with pytest.raises(Killed):
         run(kill_at=8)
     root = paths.resume_dir("pretrain")
-    half = root / ".step_0000009.tmp"  # what a kill during the write of step 9's state leaves
+    half = root / ".step_0000009.tmp-999999999"  # what a killed write of step 9's state leaves (a gone pid)
     half.mkdir()
     (half / resume.MODEL_FILE).write_bytes(b"partial")
     reference_steps = [int(p.name[5:]) for p in resume.states(root)]
@@ -156,8 +156,8 @@ def test_sigterm_saves_a_state_then_stops(workdir):
 RESUMABLE = {"pretrain": {"max_steps": 24, "save_interval": 4, "log_interval": 1, "eval_interval": 6}}
 
 
-def resumable_project(path: Path) -> Path:
-    project = copy_project(path)
+def resumable_project(tokenized: Path, path: Path) -> Path:
+    project = tokenized_copy(tokenized, path)
     params = yaml.safe_load((project / "params.yaml").read_text())
     for section, values in RESUMABLE.items():
         params[section].update(values)
@@ -177,16 +177,16 @@ def steps_logged(project: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> bytes:
+def reference(tokenized, tmp_path_factory) -> bytes:
     """pretrain's weights from a run that was never interrupted."""
-    project = resumable_project(tmp_path_factory.mktemp("ref") / "proj")
+    project = resumable_project(tokenized, tmp_path_factory.mktemp("ref") / "proj")
     sh("dvc repro pretrain", project)
     return (project / "checkpoints/pretrain/model.safetensors").read_bytes()
 
 
 @pytest.mark.slow
-def test_sigkill_of_dvc_repro_at_a_random_moment_then_rerun_gives_the_same_bytes(tmp_path, reference):
-    project = resumable_project(tmp_path / "proj")
+def test_sigkill_of_dvc_repro_at_a_random_moment_then_rerun_gives_the_same_bytes(tokenized, tmp_path, reference):
+    project = resumable_project(tokenized, tmp_path / "proj")
     env = project_env(project)
     proc = subprocess.Popen("dvc repro pretrain", shell=True, cwd=project, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -210,14 +210,15 @@ def test_sigkill_of_dvc_repro_at_a_random_moment_then_rerun_gives_the_same_bytes
 
 
 @pytest.mark.slow
-def test_a_kill_while_writing_a_state_leaves_the_previous_one_loadable(tmp_path, reference):
-    project = resumable_project(tmp_path / "proj")
-    env = {**project_env(project), resume.FAULT_ENV: "8"}  # killed half-way through step 8's state
+def test_a_kill_while_writing_a_state_leaves_the_previous_one_loadable(tokenized, tmp_path, reference):
+    project = resumable_project(tokenized, tmp_path / "proj")
+    # killed half-way through step 8's state: its staging folder made, the RNG and model files written
+    env = {**project_env(project), fileio.FAULT_ENV: "step_0000008:2"}
     first = sh("dvc repro pretrain", project, env=env, check=False)
     assert first.returncode != 0
     root = project / paths.resume_dir("pretrain")
     assert [p.name for p in resume.states(root)] == ["step_0000004"]
-    assert (root / ".step_0000008.tmp").is_dir()
+    assert [p.is_dir() for p in root.glob(".step_0000008.tmp-*")] == [True]
     rerun = sh("dvc repro pretrain", project)
     assert "resuming after step 4" in rerun.stdout
     assert (project / "checkpoints/pretrain/model.safetensors").read_bytes() == reference
@@ -225,10 +226,10 @@ def test_a_kill_while_writing_a_state_leaves_the_previous_one_loadable(tmp_path,
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_state_and_the_next_run_continues_it(tmp_path, reference):
+def test_ctrl_c_saves_a_state_and_the_next_run_continues_it(tokenized, tmp_path, reference):
     """A terminal's Ctrl-C reaches the launcher and the rank: the rank finishes its step and saves, the
     launcher waits for it, one `error:` line, exit 130; the next run resumes to the same bytes."""
-    project = resumable_project(tmp_path / "proj")
+    project = resumable_project(tokenized, tmp_path / "proj")
     sh("dvc repro tokenize", project)
     proc = subprocess.Popen(["gptlab", "run", "pretrain"], cwd=project, env=project_env(project),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -1,4 +1,4 @@
-"""Sweeps: one `dvc exp run --queue` command queues a grid, `dvc queue start` runs it, and the README's
+"""Sweeps: one `dvc exp run --queue` command queues a grid, `dvc queue start` runs it, and the docs'
 `dvc exp show` recipe compares the results in one table; the stages upstream of the swept params run once."""
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import pytest
 from conftest import sh
 
 pytestmark = pytest.mark.slow
-README = Path(__file__).resolve().parents[1] / "README.md"
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "04-experiments-and-sharing.md"
 BETAS, LRS = ("0.05", "0.2"), ("0.0001", "0.0003")  # none is the baseline (0.1, 2.0e-4): each run trains
 CACHED = ("tokenize", "pretrain", "sft", "ref_logps", "evaluate@pretrain", "evaluate@sft")
 
 
 def readme_sweep_commands() -> list[str]:
-    """The commands of the README's sweep block, in order."""
-    text = README.read_text()
+    """The commands of the sweep block in docs/04-experiments-and-sharing.md, in order."""
+    text = GUIDE.read_text()
     block = text[text.index("<!-- sweep -->"):].split("```bash\n", 1)[1].split("```", 1)[0]
     return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gptlab import fileio
 from gptlab.config import GptlabError, TokenizerConfig
 from gptlab.data import tokenize
 from gptlab.data.shards import HEADER_BYTES, ShardError, read_shard, shard_paths
@@ -320,13 +321,20 @@ def test_a_run_killed_mid_way_leaves_the_old_shards_and_a_rerun_cleans_up(tmp_pa
 
 
 def _faulty_run(tok_dir, out_dir, docs, step):
-    os.environ[tokenize.FAULT_ENV] = str(step)
-    tokenize._steps_done = 0
+    os.environ[fileio.FAULT_ENV] = str(step)
+    fileio._steps_done = 0
     write_shards(iter(docs), tok_dir, out_dir, shard_tokens=250, workers=1, budgets=Budgets(), stop=set())
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="forks a child to kill")
-def test_a_kill_at_any_step_leaves_old_or_new_shards_whole(tmp_path, tok_dirs):
+@pytest.mark.parametrize("swap", ["exchange", "renames"])
+def test_a_kill_at_any_step_leaves_old_or_new_shards_whole(tmp_path, tok_dirs, monkeypatch, swap):
+    """Both ways the folder is swapped in: renameat2's exchange, and the two renames used without it (between
+    which there is no `out`, until the next run puts the old one back)."""
+    if swap == "renames":
+        monkeypatch.setattr(fileio, "_exchange", lambda a, b: False)  # the forked children inherit it
+    elif fileio._renameat2() is None:
+        pytest.skip("no renameat2 here")
     out, ref = tmp_path / "out", tmp_path / "ref"
     old_docs, new_docs = mixed_docs(30, seed=1), mixed_docs(40, seed=2)
     run(old_docs, tok_dirs["bpe"], out, shard_tokens=250)
@@ -347,7 +355,7 @@ def test_a_kill_at_any_step_leaves_old_or_new_shards_whole(tmp_path, tok_dirs):
         # the next run (here the next child) first puts back or clears what this one left
     else:
         pytest.fail("the run never finished")
-    assert step > 5 and seen == {"old", "missing", "new"}
+    assert step > 5 and seen == ({"old", "new"} if swap == "exchange" else {"old", "missing", "new"})
     assert files(out) == new and siblings(out) == []
     run(old_docs, tok_dirs["bpe"], out, shard_tokens=250)  # and a plain rerun restores the old content exactly
     assert files(out) == old and siblings(out) == []
@@ -361,7 +369,7 @@ def test_a_killed_run_between_the_renames_is_put_back_by_the_next(tmp_path, tok_
     out.rename(dead)
     (tmp_path / ".out.tmp-999999998").mkdir()
     (tmp_path / ".out.tmp-999999998" / "train_000000.bin").write_bytes(b"\0" * HEADER_BYTES)
-    tokenize._recover(Path(os.path.abspath(out)))
+    fileio.recover(out)  # what the next run starts with
     assert files(out) == before and siblings(out) == []
 
 

@@ -2,12 +2,11 @@
 rebuild and interpret them: model config, tokenizer, weights checksum, resolved params, step, key metrics,
 parent checkpoint) and `tokenizer/`.
 
-A folder is one atomic unit. A save writes the complete new folder beside the old one, as
-`.<name>.tmp-<pid>`, fsyncs it, then swaps it in with a single rename: renameat2(RENAME_EXCHANGE) on Linux,
-else old -> `.<name>.old-<pid>`, new -> `<name>`. So a kill at any moment leaves `<name>` holding the old
-checkpoint or the new one, whole, and every save and load first clears up what a killed save left (see
-_recover; leftovers are told apart by their writer's pid, so one machine writes a folder at a time). Nothing
-is ever written through an existing file, which DVC may have hard-linked from its cache.
+A folder is one atomic unit, written by gptlab.fileio.replace_folder: a kill at any moment of a save leaves
+the old checkpoint or the new one, whole, and the next save of the same folder clears up what a killed one left.
+Loading never writes: a folder whose save was killed between its two renames (old one moved aside, new one not
+yet in) is refused, naming the stage to rerun. Nothing is ever written through an existing file, which DVC may
+have hard-linked from its cache.
 
 Loading checks everything before trusting it: meta.json's shape and types, the weights' size and SHA-256
 against meta.json, the tensor names and shapes against the model meta.json describes (before that model is
@@ -16,39 +15,28 @@ Loading uses safetensors only: nothing is unpickled.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import errno
-import functools
 import hashlib
 import json
 import os
-import shutil
-import signal
-import sys
 import typing
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
+from gptlab import hf_gpt2, paths
 from gptlab.config import GptlabError
-from gptlab.fileio import check_fields, fsync, leftover_siblings, read_json, sibling
+from gptlab.fileio import check_fields, moved_aside, read_json, replace_folder, step, write_new
 from gptlab.model import GPT, GPTConfig
-from gptlab.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from gptlab.tokenizer import Tokenizer, TokenizerError, gpt2_tokenizer, load_tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
 TIED = "lm_head.weight"  # shares storage with transformer.wte.weight; stored once
-# Test hook: with GPTLAB_FAULT_AFTER=k set, the process SIGKILLs itself right after its k-th (from 0)
-# filesystem step of saving or recovering a checkpoint, so tests can kill a save at every possible moment.
-FAULT_ENV = "GPTLAB_FAULT_AFTER"
-_AT_FDCWD = -100  # from <fcntl.h>: paths relative to the working directory
-_RENAME_EXCHANGE = 2  # from <linux/fs.h>
-_steps_done = 0
 
 
 class CheckpointError(GptlabError):
@@ -65,156 +53,85 @@ def save_checkpoint(directory: str | Path, model: GPT, meta: dict, tok: Tokenize
     SHA-256 of model.safetensors). Anything else in an existing `directory` is replaced with it. `weights`:
     the model's full state dict when `model` holds only a shard of it (FSDP; see gptlab.resume.full_state).
     """
-    directory = Path(os.path.abspath(directory))  # "." has no name to build the temp folder's from
     source = model.state_dict() if weights is None else weights
     state = {k: v.detach().contiguous().cpu() for k, v in source.items() if k != TIED}
     weights = safetensors.torch.save(state, metadata={"format": "pt"})
     record = {**meta, "tokenizer": tok.describe(), "model": dataclasses.asdict(model.config),
               "weights": {"bytes": len(weights), "sha256": hashlib.sha256(weights).hexdigest()}}
     meta_text = json.dumps(record, indent=2) + "\n"  # before touching the disk: a bad meta fails here
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    _recover(directory)
-    staging = sibling(directory, "tmp")
-    try:
-        _write_folder(staging, weights, meta_text, tok)
-        old = _swap_in(staging, directory)
-        fsync(directory.parent)  # the new name is on disk before the old copy goes
-        _step()
-        if old is not None:
-            _discard(old)
-    finally:
-        _discard(staging)  # only still there if an error stopped the save: the half-written new checkpoint
-
-
-def _write_folder(folder: Path, weights: bytes, meta_text: str, tok: Tokenizer) -> None:
-    """The whole checkpoint in a fresh folder, on disk (fsynced) before it is renamed into place."""
-    folder.mkdir()
-    _step()
-    tok.save(folder / TOKENIZER_DIR)
-    _step()
-    for root, _, files in os.walk(folder / TOKENIZER_DIR):
-        for name in files:
-            fsync(Path(root, name))
-        fsync(Path(root))
-    _step()
-    _write_new(folder / WEIGHTS_FILE, weights)
-    _write_new(folder / META_FILE, meta_text.encode())  # last, so a folder with meta.json is complete
-    fsync(folder)
-    _step()
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:  # "x": never write through an existing (possibly DVC-linked) file
-        f.write(data)
-        _step()
-        f.flush()
-        os.fsync(f.fileno())
-    _step()
-
-
-def _swap_in(staging: Path, directory: Path) -> Path | None:
-    """Make `staging` the checkpoint at `directory` in one step; returns where the old one now is."""
-    if not os.path.lexists(directory):
-        os.rename(staging, directory)
-        _step()
-        return None
-    if _exchange(staging, directory):
-        _step()
-        return staging
-    old = sibling(directory, "old")
-    os.rename(directory, old)
-    _step()
-    try:
-        os.rename(staging, directory)  # a kill before this leaves no `directory`: _recover puts `old` back
-    except BaseException:
-        os.rename(old, directory)
-        raise
-    _step()
-    return old
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two existing paths atomically (Linux renameat2); False where the OS or file system cannot."""
-    renameat2 = _renameat2()
-    if renameat2 is None:
-        return False
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel, or a file system without it
-        return False
-    raise OSError(err, os.strerror(err), str(a), None, str(b))
-
-
-@functools.cache
-def _renameat2() -> Callable[..., int] | None:
-    """libc's renameat2 (glibc 2.28+), or None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def _step() -> None:
-    """Count one filesystem step for the FAULT_ENV test hook; a no-op unless that variable is set."""
-    limit = os.environ.get(FAULT_ENV)
-    if limit is None:
-        return
-    global _steps_done
-    if _steps_done >= int(limit):
-        os.kill(os.getpid(), signal.SIGKILL)
-    _steps_done += 1
-
-
-# --- clearing up after a killed save --------------------------------------------------------------------
-
-
-def _recover(directory: Path) -> None:
-    """Undo what a killed save left: if it died between moving the old checkpoint aside and moving the new
-    one in, put the old one back; then delete its temp folders. A live writer's folders are left alone."""
-    directory = Path(os.path.abspath(directory))  # "." has no name to build the siblings' from
-    if not directory.parent.is_dir():
-        return
-    leftovers = leftover_siblings(directory)
-    if not os.path.lexists(directory):
-        complete = [p for p, kind in leftovers if kind == "old" and (p / META_FILE).is_file()]
-        if complete:
-            _put_back(complete[0], directory)
-    for path, _ in leftovers:
-        with suppress(OSError):  # a leftover we cannot delete (read-only parent) does not harm the checkpoint
-            _discard(path)
-
-
-def _put_back(old: Path, directory: Path) -> None:
-    try:
-        os.rename(old, directory)
-    except OSError:
-        if not os.path.lexists(directory):  # else another process (a rank loading it too) was first
-            raise
-    _step()
-    fsync(directory.parent)
-    _step()
-
-
-def _discard(folder: Path) -> None:
-    """Delete a checkpoint folder (or whatever is at that path), meta.json first: a folder half deleted
-    never looks complete."""
-    if folder.is_dir() and not folder.is_symlink():
-        (folder / META_FILE).unlink(missing_ok=True)
-        _step()
-        shutil.rmtree(folder)
-        _step()
-    elif os.path.lexists(folder):
-        folder.unlink()
-        _step()
+    with replace_folder(directory) as staging:
+        tok.save(staging / TOKENIZER_DIR)
+        step()
+        write_new(staging / WEIGHTS_FILE, weights)
+        write_new(staging / META_FILE, meta_text.encode())  # last: a folder with meta.json is complete
 
 
 # --- loading --------------------------------------------------------------------------------------------
+
+GPTLAB, HF = "gptlab", "hf"  # the two kinds of model folder (ModelFolder.kind)
+MODEL_FOLDERS = (f"a model folder is a gptlab checkpoint ({META_FILE}, {WEIGHTS_FILE}, {TOKENIZER_DIR}/) or a "
+                 f"Hugging Face GPT-2 ({hf_gpt2.CONFIG_FILE}, {hf_gpt2.WEIGHTS_FILE})")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFolder:
+    """A model folder as check_model_folder found it, from its JSON files alone (no weights read)."""
+
+    path: Path
+    kind: str  # GPTLAB or HF
+    config: GPTConfig  # the model the weights must fit
+    meta: dict  # a gptlab checkpoint's meta.json; {} for a Hugging Face folder (load_model builds its meta)
+
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer the model reads: the checkpoint's own (checked against meta.json), or GPT-2's (the
+        folder's own tokenizer files, if any, were checked against it)."""
+        if self.kind == HF:
+            return gpt2_tokenizer()
+        return _tokenizer(self.path, self.meta, self.config)
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, dict]:
+    """The model of a gptlab checkpoint or of a Hugging Face GPT-2 folder: (model, its tokenizer, its meta).
+
+    Every command and stage that reads a model opens it here, so all accept the same folders and refuse the
+    others with the same line. A checkpoint's meta is its meta.json; a Hugging Face folder's has the keys
+    callers use (stage "hf", step 0, model, tokenizer, weights: bytes and SHA-256; see gptlab.hf_gpt2).
+    Raises CheckpointError or HFImportError (both GptlabErrors: one line naming the file and the fix)."""
+    found = check_model_folder(folder)
+    if found.kind == HF:
+        model, meta, tok = hf_gpt2.load_checked_hf(found.path, found.config, device)
+        return model, tok, meta
+    tok = found.tokenizer()  # before the weights: the cheap checks first
+    return _load_weights(found.path, found.meta, found.config, device), tok, found.meta
+
+
+def check_model_folder(folder: str | Path) -> ModelFolder:
+    """What load_model checks before it reads any weights: the folder's kind and its JSON files (meta.json;
+    or config.json and GPT-2 tokenizer files). Cheap enough for the check stage. Raises as load_model does."""
+    folder = Path(folder)
+    kind = model_kind(folder)
+    if kind == HF:
+        return ModelFolder(folder, HF, hf_gpt2.check_hf_folder(folder), {})
+    meta, config = _read_meta_file(folder)
+    return ModelFolder(folder, GPTLAB, config, meta)
+
+
+def model_kind(folder: str | Path) -> str:
+    """GPTLAB (the folder has meta.json) or HF (config.json), by which file is there; a folder a killed save
+    moved aside, and any other path, is refused with the one message every loader gives."""
+    folder = Path(folder)
+    _refuse_interrupted(folder)
+    if (folder / META_FILE).is_file():
+        return GPTLAB
+    if hf_gpt2.is_hf_folder(folder):
+        return HF
+    what = "not found" if not os.path.lexists(folder) else \
+        f"holds neither {META_FILE} (a gptlab checkpoint) nor {hf_gpt2.CONFIG_FILE} (a Hugging Face GPT-2)"
+    pipeline = {os.path.abspath(paths.checkpoint_dir(stage)) for stage in paths.TRAIN_STAGES}
+    fix = _remake(folder) if os.path.abspath(folder) in pipeline else \
+        "put one there (gptlab export-hf CHECKPOINT OUT_DIR writes a Hugging Face GPT-2) or name another folder"
+    raise CheckpointError(f"{folder}: {what}; {MODEL_FOLDERS}: {fix}")
+
 
 def read_meta(directory: str | Path) -> dict:
     """A checkpoint's meta.json, checked: "model" is a valid GPTConfig, "tokenizer" has a fingerprint and
@@ -223,9 +140,20 @@ def read_meta(directory: str | Path) -> dict:
 
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """Rebuild the model from meta.json and load its weights: (model, meta). Raises CheckpointError."""
+    """Rebuild the model from meta.json and load its weights: (model, meta). Raises CheckpointError.
+    (load_model opens any model folder, with its tokenizer.)"""
     directory = Path(directory)
     meta, config = _open(directory)
+    return _load_weights(directory, meta, config, device), meta
+
+
+def checkpoint_tokenizer(directory: str | Path) -> Tokenizer:
+    """The tokenizer saved beside the weights; it must be the one meta.json names and fit the model."""
+    directory = Path(directory)
+    return _tokenizer(directory, *_open(directory))
+
+
+def _load_weights(directory: Path, meta: dict, config: GPTConfig, device) -> GPT:
     state = _read_weights(directory, meta.get("weights"))
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     _require_fit(_size_problem(shapes, config), directory)
@@ -234,13 +162,10 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != TIED}
     _require_fit(_shape_problem(expected, shapes), directory)
     model.load_state_dict(state, strict=False)  # the tied head is the one key missing: checked just above
-    return model.to(device), meta
+    return model.to(device)
 
 
-def checkpoint_tokenizer(directory: str | Path) -> Tokenizer:
-    """The tokenizer saved beside the weights; it must be the one meta.json names and fit the model."""
-    directory = Path(directory)
-    meta, config = _open(directory)
+def _tokenizer(directory: Path, meta: dict, config: GPTConfig) -> Tokenizer:
     if not (directory / TOKENIZER_DIR).is_dir():
         raise CheckpointError(f"{directory / TOKENIZER_DIR}: not found; the checkpoint is incomplete: "
                               f"{_remake(directory)}")
@@ -259,13 +184,23 @@ def checkpoint_tokenizer(directory: str | Path) -> Tokenizer:
 
 
 def _open(directory: Path) -> tuple[dict, GPTConfig]:
-    """Recover the folder if a save was killed, then read and check its meta.json."""
+    """Read and check the folder's meta.json."""
+    _refuse_interrupted(directory)
+    return _read_meta_file(directory)
+
+
+def _refuse_interrupted(directory: Path) -> None:
+    """Refuse a folder whose save was killed between moving the old checkpoint aside and moving the new one
+    in. Reading never writes: the stage's next save puts it back or replaces it (gptlab.fileio.recover)."""
+    aside = moved_aside(directory)
+    if aside is not None:
+        raise CheckpointError(f"{directory / META_FILE}: not found; a save of {directory} was interrupted after "
+                              f"moving the old checkpoint aside (to {aside.name}, which the stage's next save "
+                              f"clears up): {_remake(directory)}")
+
+
+def _read_meta_file(directory: Path) -> tuple[dict, GPTConfig]:
     fix = _remake(directory)
-    try:
-        _recover(directory)
-    except OSError as e:  # e.g. a read-only parent folder, where the old checkpoint cannot be put back
-        raise CheckpointError(f"{directory}: cannot clear up after an interrupted save ({e}); make "
-                              f"{directory.parent} writable, or {fix}") from None
     path = directory / META_FILE
     if not directory.is_dir():
         what = "does not exist" if not os.path.lexists(directory) else "is not a folder"

@@ -6,10 +6,14 @@
     gptlab show-example {sft,dpo} [--index 0] [--heldout] [--tokens]
                                                      (one training example with its loss tokens marked)
     gptlab export-hf CHECKPOINT OUT_DIR [--overwrite]  (a transformers GPT2LMHeadModel folder; see gptlab.export_hf)
-    gptlab info CHECKPOINT [--params] [--json]         (what made it: lineage with hashes, git commit, params)
+    gptlab info CHECKPOINT [--params] [--json]         (what made it: lineage with hashes, params)
     gptlab run STAGE [accelerate launch options]     (how dvc.yaml starts each stage, evaluate@MODEL too; see gptlab.launch)
     gptlab plan [--preset NAME] [--gpus 1] [--peak_tflops 989] [--mfu 0.4] [--micro_batch_size B] [--json]
                                                      (what pretraining will cost; see gptlab.plan)
+
+CHECKPOINT: a gptlab checkpoint folder or a Hugging Face GPT-2 folder (config.json + safetensors, e.g. the hub's
+gpt2 or an export-hf folder). generate, export-hf and info open it as sft.init and evaluate.models do
+(gptlab.checkpoint.load_model), so all accept the same folders and refuse the others with the same line.
 
 generate: temperature 0 is greedy. Without --prompt the prompt is read from stdin (one trailing newline
 dropped). The text streams out as it is made; --num_samples N draws N samples of the prompt together and prints
@@ -38,6 +42,7 @@ OPTIONS = {"max_new_tokens": "--max_tokens", "temperature": "--temperature", "to
            "top_p": "--top_p", "repetition_penalty": "--repetition_penalty"}
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 CHAT_CUE = "> "  # what the conversation loop writes before it reads your line
+MODEL_ARG = "a gptlab checkpoint or a Hugging Face GPT-2 folder: every command opens it with gptlab.checkpoint.load_model"
 Write = Callable[[str], None]
 
 
@@ -72,21 +77,20 @@ def generate_text(checkpoint: str, prompt: str, max_tokens: int, temperature: fl
     every sample so, each after a `--- sample i ---` line. write, if given, gets the same text as it is made."""
     import torch
 
-    from gptlab.checkpoint import checkpoint_tokenizer, load_checkpoint, read_meta
+    from gptlab.checkpoint import load_model
     from gptlab.data.formats import Message
     from gptlab.tokenizer import TokenizerError
 
     s = Sampling(max_tokens, temperature, top_k, top_p, repetition_penalty, num_samples, seed, tuple(stop), use_cache)
-    tok = checkpoint_tokenizer(checkpoint)  # before the model: a prompt it cannot encode fails fast
+    model, tok, meta = load_model(checkpoint)  # a gptlab checkpoint or a Hugging Face GPT-2 folder
     try:
         if chat:
-            ids, text = chat_prompt(tok, chat_template(read_meta(checkpoint), checkpoint), (Message("user", prompt),))
+            ids, text = chat_prompt(tok, chat_template(meta, checkpoint), (Message("user", prompt),))
         else:
             text = prompt
             ids = tok.encode(text) or [tok.eot_id]  # an empty prompt starts from end-of-text, like a new document
     except TokenizerError as e:  # a char tokenizer meeting a character its corpus never had
         raise UsageError(f"--prompt: {e}") from None
-    model, _ = load_checkpoint(checkpoint)
     gen = torch.Generator().manual_seed(seed)
     write = write or (lambda piece: None)
     if num_samples == 1:
@@ -120,13 +124,12 @@ def chat_loop(checkpoint: str, s: Sampling, read: Callable[[], str], write: Writ
     until an empty line or end of input. A line the tokenizer cannot encode is refused and the talk goes on."""
     import torch
 
-    from gptlab.checkpoint import checkpoint_tokenizer, load_checkpoint, read_meta
+    from gptlab.checkpoint import load_model
     from gptlab.data.formats import Message
     from gptlab.tokenizer import TokenizerError
 
-    tok = checkpoint_tokenizer(checkpoint)
-    template = chat_template(read_meta(checkpoint), checkpoint)
-    model, _ = load_checkpoint(checkpoint)
+    model, tok, meta = load_model(checkpoint)
+    template = chat_template(meta, checkpoint)
     gen = torch.Generator().manual_seed(s.seed)
     said: tuple = ()
     while True:
@@ -191,12 +194,12 @@ def _stop_start(text: str, stop: tuple[str, ...]) -> int:
 
 def sample_texts(model, tok, ids: list[int], s: Sampling, gen, write: Write | None = None) -> list[str]:
     """s.num_samples continuations of ids, decoded together; with one, write gets its text as it is made."""
-    from gptlab.sampling import stream
+    from gptlab import sampling
 
     rows = [Continuation(tok, s.stop) for _ in range(s.num_samples)]
-    steps = stream(model, [ids] * s.num_samples, s.max_tokens, temperature=s.temperature, top_k=s.top_k,
-                   top_p=s.top_p, repetition_penalty=s.repetition_penalty, generator=gen, n_vocab=tok.n_vocab,
-                   use_cache=s.use_cache)
+    settings = sampling.Sampling(s.max_tokens, s.temperature, s.top_k, s.top_p, s.repetition_penalty)
+    steps = sampling.stream(model, [ids] * s.num_samples, settings, generator=gen, n_vocab=tok.n_vocab,
+                            use_cache=s.use_cache)
     with closing(steps):  # stops decoding (and restores the model's mode) as soon as every sample has ended
         for step in steps:
             for row, token in zip(rows, step.tolist()):
@@ -223,11 +226,11 @@ def show_text(args: argparse.Namespace) -> str:
 
 def check_options(args: argparse.Namespace) -> None:
     """Reject `generate` options that cannot work, before anything is loaded."""
-    from gptlab.sampling import SamplingArgError, check_sampling_args
+    from gptlab import sampling
 
     try:
-        check_sampling_args(args.max_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    except SamplingArgError as e:
+        sampling.Sampling(args.max_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    except sampling.SamplingArgError as e:
         raise UsageError(f"{OPTIONS[e.arg]}: {e.rule}, got {e.value}") from None
     if not args.num_samples >= 1:
         raise UsageError(f"--num_samples: must be at least 1, got {args.num_samples}")
@@ -297,11 +300,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--tokens", action="store_true", help="one line per token (id, loss, text) instead of text")
     e.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
     x = sub.add_parser("export-hf", help="write a checkpoint as a transformers GPT2LMHeadModel folder")
-    x.add_argument("checkpoint", help="a checkpoint folder, e.g. checkpoints/dpo")
+    x.add_argument("checkpoint", help=f"a model folder, e.g. checkpoints/dpo ({MODEL_ARG})")
     x.add_argument("out_dir", help="folder to create (transformers, lm-evaluation-harness and vLLM load it)")
     x.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     i = sub.add_parser("info", help="what made a checkpoint: its lineage (pretrain -> sft -> dpo) with each hash")
-    i.add_argument("checkpoint", help="a checkpoint folder (or an export-hf folder), e.g. checkpoints/dpo")
+    i.add_argument("checkpoint", help=f"a model folder, e.g. checkpoints/dpo ({MODEL_ARG}; an export-hf folder "
+                                      "tells its checkpoint's)")
     i.add_argument("--params", action="store_true", help="also list the resolved params it was made with")
     i.add_argument("--json", action="store_true", help="print meta.json's provenance fields as JSON")
     return p
@@ -329,7 +333,7 @@ def export_text(args: argparse.Namespace) -> str:
 def add_generate_parser(sub) -> None:
     d = Sampling()
     g = sub.add_parser("generate", help="sample a continuation from a checkpoint folder")
-    g.add_argument("checkpoint", help="a checkpoint folder, e.g. checkpoints/dpo")
+    g.add_argument("checkpoint", help=f"a model folder, e.g. checkpoints/dpo ({MODEL_ARG})")
     g.add_argument("--prompt", default=None, help="text to continue (default: read from stdin)")
     g.add_argument("--chat", action="store_true",
                    help="render the prompt as a user turn in the template the checkpoint was fine-tuned with; "

@@ -291,7 +291,7 @@ class SFTConfig(TrainConfig):
     eval_interval: int = 125
     log_interval: int = 10
     save_interval: int = 125
-    init: str = PIPELINE_MODELS["pretrain"]  # start weights: the pretrain checkpoint, or a Hugging Face GPT-2 under models/
+    init: str = PIPELINE_MODELS["pretrain"]  # start weights: the pretrain checkpoint, or a model folder under models/
     data: SFTData = field(default_factory=SFTData)
     max_prompt_tokens: int = 0  # prompt tokens kept at most, cut from the left (0 = as many as the context holds)
     packing: bool = False  # several examples per sequence (no attention or loss across them): fewer pad tokens
@@ -299,8 +299,9 @@ class SFTConfig(TrainConfig):
     def check(self, where: str) -> None:
         super().check(where)
         _require(self.init == PIPELINE_MODELS["pretrain"] or (_inside(MODELS_DIR, self.init) and "*" not in self.init),
-                 f"{where}.init", f"must be {PIPELINE_MODELS['pretrain']} or a Hugging Face GPT-2 folder under "
-                 f"{MODELS_DIR}/ (e.g. {MODELS_DIR}/gpt2; dvc.yaml makes it the sft stage's dependency), got {self.init!r}")
+                 f"{where}.init", f"must be {PIPELINE_MODELS['pretrain']} or a model folder under {MODELS_DIR}/ (a "
+                 f"Hugging Face GPT-2 or a gptlab checkpoint, e.g. {MODELS_DIR}/gpt2; dvc.yaml makes it the sft "
+                 f"stage's dependency), got {self.init!r}")
         _require(self.max_prompt_tokens >= 0, f"{where}.max_prompt_tokens", "must be 0 (no cap) or more")
 
 

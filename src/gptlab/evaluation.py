@@ -18,7 +18,7 @@ import torch
 from gptlab.data.formats import Conversation, Example, collate, encode_segments, segments
 from gptlab.data.loader import Windows
 from gptlab.losses import IGNORE, sequence_logps, token_loss
-from gptlab.sampling import generate
+from gptlab.sampling import Sampling, generate
 from gptlab.tokenizer import Tokenizer
 
 
@@ -74,7 +74,7 @@ def greedy_answers(model, tok: Tokenizer, convs: list[Conversation], max_new_tok
     """The model's greedy answer to each conversation's last user turn, prompted in the conversation's template
     exactly as fine-tuning rendered it (earlier turns included)."""
     prompts = [encode_segments(tok, segments(c, generating=True)).ids.tolist() for c in convs]
-    outs = generate(model, prompts, max_new_tokens, temperature=0.0, stop_id=tok.eot_id, n_vocab=tok.n_vocab)
+    outs = generate(model, prompts, Sampling(max_new_tokens, stop_id=tok.eot_id), n_vocab=tok.n_vocab)
     return [tok.decode(o) for o in outs]
 
 

@@ -25,10 +25,10 @@ harness and vLLM load it like any hub GPT-2:
 One difference remains in every kind: gptlab encodes the text "<|endoftext|>" as ordinary text, transformers'
 tokenizers as the special token.
 
-The checkpoint is loaded and checked by gptlab.checkpoint (SHA-256, shapes, finite weights), whose errors pass
-through. The folder is written beside OUT_DIR as `.<name>.tmp-<pid>` and renamed into place, so OUT_DIR never
-holds half an export; an existing non-empty OUT_DIR is replaced only with overwrite=True. Every problem is a
-GptlabError of one line: "<path>: <what>; <fix>".
+The checkpoint is loaded and checked by gptlab.checkpoint.load_model (SHA-256, shapes, finite weights), whose
+errors pass through; like every command it also takes a Hugging Face GPT-2 folder. The folder is replaced as a
+whole by gptlab.fileio.replace_folder, so OUT_DIR never holds half an export; an existing non-empty OUT_DIR is
+replaced only with overwrite=True. Every problem is a GptlabError of one line: "<path>: <what>; <fix>".
 """
 from __future__ import annotations
 
@@ -36,15 +36,14 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
-from gptlab.checkpoint import TOKENIZER_DIR, WEIGHTS_FILE, checkpoint_tokenizer, load_checkpoint
+from gptlab.checkpoint import TOKENIZER_DIR, WEIGHTS_FILE, load_model
 from gptlab.config import GptlabError
-from gptlab.fileio import fsync, leftover_siblings, sibling
+from gptlab.fileio import file_sha256, recover, replace_folder, write_new
 from gptlab.model import GPT, LN_EPS, to_hf_state_dict
 from gptlab.tokenizer import (
     EOT,
@@ -72,22 +71,23 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = Fal
     AutoTokenizer can load a tokenizer from out_dir), "tokenizer_kind", "sha256" (of the checkpoint's
     model.safetensors)}. Raises GptlabError (CheckpointError for a bad checkpoint)."""
     checkpoint = Path(checkpoint)
-    out = Path(os.path.abspath(out_dir))  # "." has no name to build the temp folder's from
-    _clear_leftovers(out)
-    _check_target(checkpoint, out, overwrite)  # before loading anything: a refusal is fast and changes nothing
-    model, meta = load_checkpoint(checkpoint)
-    tok = checkpoint_tokenizer(checkpoint)
-    files = _folder_files(model, meta, tok, checkpoint)
-    staging = sibling(out, "tmp")
+    out = Path(os.path.abspath(out_dir))
     try:
-        _write_folder(staging, files)
-        _swap_in(staging, out)
+        recover(out)  # what a killed export left, first: the check below must see the folder it may replace
+    except OSError as e:
+        raise ExportError(f"{out}: cannot clear up after an interrupted export ({e.strerror or e}); make "
+                          f"{out.parent} writable, or choose another OUT_DIR") from None
+    _check_target(checkpoint, out, overwrite)  # before loading anything: a refusal is fast and changes nothing
+    model, tok, meta = load_model(checkpoint)  # a gptlab checkpoint, or a Hugging Face GPT-2 folder
+    files = _folder_files(model, meta, tok, checkpoint)
+    try:
+        with replace_folder(out) as staging:
+            for name, data in files.items():
+                write_new(staging / name, data)
     except OSError as e:
         raise ExportError(f"{out}: cannot write the export ({e.strerror or e}); make {out.parent} writable "
                           f"and free some space, or choose another OUT_DIR") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # only still there if the export failed
-    sha = meta["weights"]["sha256"] if "weights" in meta else _sha256(checkpoint / WEIGHTS_FILE)
+    sha = meta["weights"]["sha256"] if "weights" in meta else file_sha256(checkpoint / WEIGHTS_FILE)
     return {"out_dir": str(out), "files": sorted(files), "tokenizer_exported": _has_hf_tokenizer(files),
             "tokenizer_kind": tok.kind, "sha256": sha}
 
@@ -290,14 +290,6 @@ def _json(obj) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --- writing the folder in one step ------------------------------------------------------------------------
 
 def _check_target(checkpoint: Path, out: Path, overwrite: bool) -> None:
@@ -315,48 +307,3 @@ def _check_target(checkpoint: Path, out: Path, overwrite: bool) -> None:
         raise ExportError(f"{out}: exists and is not a folder; remove it or {fix}")
     if any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out}: exists and is not empty; pass --overwrite to replace it, or {fix}")
-
-
-def _write_folder(folder: Path, files: dict[str, bytes]) -> None:
-    """Every file on disk (fsynced) in a fresh folder, before it is renamed into place."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    folder.mkdir()
-    for name, data in files.items():
-        with open(folder / name, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    fsync(folder)
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    """Make `staging` the folder at `out`: a rename (which also replaces an empty folder), or for a non-empty
-    one, old aside -> new in -> old deleted (a kill in between leaves the old one beside `out`, put back by the
-    next export's _clear_leftovers)."""
-    if not out.is_dir() or not any(out.iterdir()):
-        os.rename(staging, out)
-    else:
-        old = sibling(out, "old")
-        os.rename(out, old)
-        try:
-            os.rename(staging, out)
-        except BaseException:
-            os.rename(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    fsync(out.parent)
-
-
-def _clear_leftovers(out: Path) -> None:
-    """What an export killed midway left beside `out`: its old folder goes back if `out` is gone, its temp
-    folders are deleted. A live process's folders are left alone."""
-    if not out.parent.is_dir():
-        return
-    for entry, kind in leftover_siblings(out):
-        try:
-            if kind == "old" and not os.path.lexists(out) and (entry / PROVENANCE_FILE).is_file():
-                os.rename(entry, out)
-            else:
-                shutil.rmtree(entry)
-        except OSError:
-            pass  # a leftover we cannot clear (read-only parent) harms no export

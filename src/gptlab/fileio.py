@@ -1,6 +1,7 @@
-"""Atomic file writes, and reads of the JSON/JSONL files the pipeline writes back.
+"""Atomic file and folder writes, file checksums, and reads of the JSON/JSONL files the pipeline writes back.
 
-Writes go beside the target, then rename, so no reader ever sees half a file. Renaming also replaces (rather
+Writes go beside the target, then rename, so no reader ever sees half a file or half a folder
+(replace_folder: checkpoints, token shards, resume states, exports). Renaming also replaces (rather
 than writes through) files that DVC may have hard-linked read-only from its cache, so a rerun never corrupts
 the cache.
 
@@ -9,13 +10,21 @@ line that names the file, the line where there is one, and how to fix it.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
+import hashlib
 import json
 import math
 import os
+import re
+import shutil
+import signal
+import sys
 import typing
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Iterator
 
 from gptlab.config import GptlabError
 
@@ -37,24 +46,181 @@ def atomic_path(path: str | Path):
             tmp.unlink()
 
 
-# --- folders replaced whole (checkpoints, data/shards, exports) ---------------------------------------------
-# A writer builds `.<name>.tmp-<pid>` beside the target and swaps it in, moving the old one aside as
-# `.<name>.old-<pid>`; the next writer clears what a killed one left.
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
-def sibling(target: Path, kind: str) -> Path:
-    """`.<name>.<kind>-<pid>` beside `target`: this process's temp folder ("tmp") or the old one moved aside ("old")."""
+
+def fsync(path: str | Path) -> None:
+    """Flush a file or a folder to disk; a folder's fsync makes the names in it (renames) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """fsync every file and folder below `folder`, and `folder` itself."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fsync(Path(root, name))
+        fsync(Path(root))
+
+
+def write_new(path: str | Path, data: bytes) -> None:
+    """A file that must not exist yet, written and fsynced ("x": never write through an existing file,
+    which DVC may have hard-linked from its cache); one step() for the FAULT_ENV hook."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    step()
+
+
+# --- folders replaced whole (checkpoints, data/shards, resume states, exports) -----------------------------
+# replace_folder builds the new folder beside the target as `.<name>.tmp-<pid>`, fsyncs all of it, then swaps
+# it in with one rename: renameat2(RENAME_EXCHANGE) on Linux, else the old folder -> `.<name>.old-<pid>` and
+# the new one -> `<name>`. A folder is deleted by renaming it `.<name>.del-<pid>` first, so an `.old` folder is
+# always whole. A kill at any moment thus leaves `<name>` holding the old folder or the new one, whole, or
+# (between the two renames) no `<name>` and the old one beside it as `.old`. Only writers clear up: the next
+# replace_folder (or recover) of the same target puts the `.old` back, then deletes the rest; readers refuse
+# a target that was moved aside (moved_aside). Leftovers are told apart by their writer's pid, so one machine
+# writes a given folder at a time.
+
+# Test hook: with GPTLAB_FAULT_AFTER=k set, the process SIGKILLs itself right after its k-th (from 0) write
+# step (a folder made, a file written, an fsync, a rename, a deletion: every step() call); with
+# GPTLAB_FAULT_AFTER=<name>:k only the steps of writing or recovering a folder named <name> count (e.g.
+# step_0000008:2 kills one resume state's write in the middle of a whole `dvc repro`).
+FAULT_ENV = "GPTLAB_FAULT_AFTER"
+_AT_FDCWD = -100  # from <fcntl.h>: paths relative to the working directory
+_RENAME_EXCHANGE = 2  # from <linux/fs.h>
+_LEFTOVER = re.compile(r"\.(.+)\.(tmp|old|del)-(\d+)")  # `.<name>.<kind>-<pid>`
+_steps_done = 0
+_writing: str | None = None  # the name of the folder being written or recovered, for FAULT_ENV's <name>:
+
+
+@contextmanager
+def replace_folder(target: str | Path) -> Iterator[Path]:
+    """Yield a new, empty staging folder beside `target`; when the block ends, make it `target` in one atomic
+    step (see above), replacing whatever `target` held; if the block raises, delete it and leave `target` as
+    it was. What killed writers of `target` left is cleared first (recover). Missing parents are made."""
+    target = Path(os.path.abspath(target))  # "." has no name to build the siblings' from
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _counting(target):
+        recover(target)
+        staging = _sibling(target, "tmp")
+        staging.mkdir()
+        step()
+        try:
+            yield staging
+            fsync_tree(staging)
+            step()
+            old = _swap_in(staging, target)
+            fsync(target.parent)  # the new name is on disk before the old folder goes
+            step()
+            if old is not None:
+                with suppress(OSError):  # the new folder is in place: the next writer deletes what is left
+                    remove_folder(old, target)
+        finally:
+            if os.path.lexists(staging):  # only if the block failed: the half-written folder
+                shutil.rmtree(staging, ignore_errors=True)
+
+
+def recover(target: str | Path) -> None:
+    """Clear what killed writers of `target` left beside it: if one died between moving the old folder aside
+    and moving its new one in, put the old one back; then delete their other folders. A live writer's folders
+    are left alone, and so is one that cannot be deleted (a read-only parent): it harms no reader."""
+    target = Path(os.path.abspath(target))
+    if not target.parent.is_dir():
+        return
+    with _counting(target):
+        leftovers = [(path, kind) for path, kind, pid in _siblings(target) if not writer_alive(pid)]
+        aside = [path for path, kind in leftovers if kind == "old"]
+        if aside and not os.path.lexists(target):
+            _put_back(aside[0], target)
+            leftovers.remove((aside[0], "old"))
+        for path, _ in leftovers:
+            with suppress(OSError):
+                remove_folder(path, target)
+
+
+def recover_all(parent: str | Path) -> None:
+    """recover() every folder in `parent` that a killed writer left something beside."""
+    parent = Path(parent)
+    if parent.is_dir():
+        names = {m.group(1) for m in map(_LEFTOVER.fullmatch, (e.name for e in parent.iterdir())) if m}
+        for name in sorted(names):
+            recover(parent / name)
+
+
+def moved_aside(target: str | Path) -> Path | None:
+    """Where a replacement moved `target`'s previous version if it stopped (or is now) between its two renames,
+    so `target` is missing: readers refuse it (only the writer puts it back). None if `target` exists."""
+    target = Path(os.path.abspath(target))
+    if os.path.lexists(target) or not target.parent.is_dir():
+        return None
+    return next((path for path, kind, _ in _siblings(target) if kind == "old"), None)
+
+
+def remove_folder(path: str | Path, target: str | Path | None = None) -> None:
+    """Delete the folder at `path` (or whatever is there): renamed `.<name>.del-<pid>` beside `target` (default
+    `path`) first, so a kill midway never leaves a half-deleted folder under a name that stands for a whole one."""
+    path = Path(path)
+    doomed = _sibling(Path(os.path.abspath(path if target is None else target)), "del")
+    if path.is_dir() and not path.is_symlink():
+        if path != doomed:
+            os.rename(path, doomed)
+            step()
+        shutil.rmtree(doomed)
+    elif os.path.lexists(path):
+        path.unlink()
+    else:
+        return
+    step()
+
+
+def step() -> None:
+    """Count one write step for the FAULT_ENV test hook; a no-op unless that variable is set."""
+    spec = os.environ.get(FAULT_ENV)
+    if spec is None:
+        return
+    name, _, limit = spec.rpartition(":")
+    if name and name != _writing:
+        return
+    global _steps_done
+    if _steps_done >= int(limit):
+        os.kill(os.getpid(), signal.SIGKILL)
+    _steps_done += 1
+
+
+@contextmanager
+def _counting(target: Path) -> Iterator[None]:
+    """Steps taken inside count as `target.name`'s for FAULT_ENV."""
+    global _writing
+    before, _writing = _writing, target.name
+    try:
+        yield
+    finally:
+        _writing = before
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    """`.<name>.<kind>-<pid>` beside `target`, for this process: "tmp" (staging), "old" (moved aside), "del"."""
     return target.with_name(f".{target.name}.{kind}-{os.getpid()}")
 
 
-def leftover_siblings(target: Path) -> list[tuple[Path, str]]:
-    """(path, kind) of every `.<name>.tmp-<pid>` / `.<name>.old-<pid>` beside `target` whose writer is gone,
-    in name order."""
-    prefix = f".{target.name}."
+def _siblings(target: Path) -> list[tuple[Path, str, int]]:
+    """(path, kind, writer's pid) of every `.<name>.tmp|old|del-<pid>` beside `target`, in name order."""
     found = []
     for entry in sorted(target.parent.iterdir()):
-        kind, _, pid = entry.name.removeprefix(prefix).partition("-")
-        if entry.name.startswith(prefix) and kind in ("tmp", "old") and pid.isdigit() and not writer_alive(int(pid)):
-            found.append((entry, kind))
+        m = _LEFTOVER.fullmatch(entry.name)
+        if m and m.group(1) == target.name:
+            found.append((entry, m.group(2), int(m.group(3))))
     return found
 
 
@@ -72,13 +238,59 @@ def writer_alive(pid: int) -> bool:
     return True
 
 
-def fsync(path: str | Path) -> None:
-    """Flush a file or a folder to disk; a folder's fsync makes the names in it (renames) durable."""
-    fd = os.open(path, os.O_RDONLY)
+def _swap_in(staging: Path, target: Path) -> Path | None:
+    """Make `staging` the folder at `target` in one step; returns where the old one now is."""
+    if not os.path.lexists(target):
+        os.rename(staging, target)
+        step()
+        return None
+    if _exchange(staging, target):
+        step()
+        return staging
+    old = _sibling(target, "old")
+    os.rename(target, old)
+    step()
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        os.rename(staging, target)  # a kill before this leaves no `target`: recover puts `old` back
+    except BaseException:
+        os.rename(old, target)
+        raise
+    step()
+    return old
+
+
+def _put_back(old: Path, target: Path) -> None:
+    os.rename(old, target)
+    step()
+    fsync(target.parent)
+    step()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux renameat2); False where the OS or file system cannot."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel, or a file system without it
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    """libc's renameat2 (glibc 2.28+), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -1,4 +1,6 @@
-"""Import a local Hugging Face GPT-2 folder (config.json + safetensors weights) as a start point for fine-tuning.
+"""Import a local Hugging Face GPT-2 folder (config.json + safetensors weights): a start point for fine-tuning, a
+model to evaluate, sample from or export. Callers open it through gptlab.checkpoint.load_model, which opens
+gptlab checkpoints too, so every command and stage accepts the same folders.
 
 The mapping is nearly the identity, because our GPT names its parameters after transformers' GPT2LMHeadModel:
 
@@ -75,13 +77,26 @@ def load_hf_gpt2(folder: str | Path, device: str | torch.device = "cpu", *,
                  dropout: float = 0.0) -> tuple[GPT, dict, Tokenizer]:
     """(model in fp32 on `device`, meta shaped like a checkpoint's meta.json, GPT-2's tokenizer).
 
-    meta["weights"]["sha256"] is the SHA-256 of model.safetensors' bytes; for a sharded folder it is the
+    meta has what callers of gptlab.checkpoint.load_model use: stage "hf", step 0, model (the GPTConfig),
+    tokenizer (GPT-2's describe()) and weights: bytes and SHA-256 of model.safetensors; for a sharded folder the
     SHA-256 of the shards' hex digests concatenated in file-name order. Raises HFImportError.
     """
     folder = Path(folder)
+    return load_checked_hf(folder, check_hf_folder(folder, dropout), device)
+
+
+def check_hf_folder(folder: Path, dropout: float = 0.0) -> GPTConfig:
+    """Everything but the weights' bytes: config.json as our GPTConfig, the folder's tokenizer files (if any)
+    against GPT-2's, and that safetensors weights are there (not only pickled ones)."""
     config = read_hf_config(_config_path(folder), dropout)
-    tok = gpt2_tokenizer()
     check_folder_tokenizer(folder)
+    _weights_source(folder)
+    return config
+
+
+def load_checked_hf(folder: Path, config: GPTConfig, device: str | torch.device) -> tuple[GPT, dict, Tokenizer]:
+    """load_hf_gpt2 for a folder check_hf_folder passed, with the config it returned."""
+    tok = gpt2_tokenizer()
     state, where, sha, n_bytes = _read_weights(folder)
     state, added_prefix = _with_prefix(state)
     state = _check_tensors(state, config, where, added_prefix)
@@ -90,7 +105,7 @@ def load_hf_gpt2(folder: str | Path, device: str | torch.device = "cpu", *,
     except ValueError:  # the one thing _check_tensors leaves to it: an lm_head.weight that is not wte's copy
         raise HFImportError(f"{where}: lm_head.weight differs from the token embedding (an untied output head); "
                             f"{ONLY_GPT2}") from None
-    meta = {"stage": "hf", "init_from": str(folder), "step": 0,
+    meta = {"stage": "hf", "step": 0,  # no init_from: what it was trained from is not ours to know
             "weights": {"bytes": n_bytes, "sha256": sha}, "tokenizer": tok.describe(),
             "model": dataclasses.asdict(config)}
     return model.to(device), meta, tok
@@ -224,14 +239,23 @@ def _merge_rules(text: str) -> list[str]:
 
 def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path, str, int]:
     """(tensors as stored, the file to name in messages, SHA-256, bytes read): model.safetensors if present,
-    else the sharded index; a folder with only pickled weights is refused before any of its bytes are read."""
+    else the sharded index."""
+    source = _weights_source(folder)
+    if source.name == INDEX_FILE:
+        return _read_sharded(folder, source)
+    state, sha, n_bytes = _read_safetensors(source)
+    return state, source, sha, n_bytes
+
+
+def _weights_source(folder: Path) -> Path:
+    """model.safetensors, else model.safetensors.index.json; a folder with only pickled weights (or none) is
+    refused before any of its bytes are read."""
     single = folder / WEIGHTS_FILE
     if single.exists():
-        state, sha, n_bytes = _read_safetensors(single)
-        return state, single, sha, n_bytes
+        return single
     index = folder / INDEX_FILE
     if index.exists():
-        return _read_sharded(folder, index)
+        return index
     pickled = sorted(p.name for p in folder.iterdir() if p.name.endswith(PICKLED_SUFFIXES))
     if pickled:
         raise HFImportError(

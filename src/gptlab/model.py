@@ -6,12 +6,13 @@ Shapes in comments: B batch, T new tokens, L cached + new tokens, C n_embd, H n_
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from gptlab.cpu_head import OutputHead  # nn.Linear; on the CPU its large outputs reuse memory (same values)
 
 LN_EPS = 1e-5  # GPT-2's layer_norm_epsilon
 INIT_STD = 0.02  # GPT-2's initializer_range
@@ -122,80 +123,6 @@ class MLP(nn.Module):
         return self.drop(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C)
 
 
-# --- The output head on CPU: where its (large) output lives, nothing else -----------------------------------
-# On CPU the logits are by far the largest tensor of a step: (B*T, vocab) fp32, 412 MB at 8 x 256 tokens with a
-# 50304 vocabulary. glibc serves every allocation over 32 MiB with a fresh mmap and unmaps it when it is freed, so
-# every step the kernel maps and zeroes that memory again, one 4 KiB page fault at a time (~100k per step).
-# Profiling the training step (bench/train_throughput.py, large config) showed the head's forward matmul taking
-# ~470 ms, and the very same matmul writing into memory that is already mapped ~300 ms (2 cores): ~6% of the step.
-# So OutputHead keeps the memory of its last large output and writes the next logits into it once nothing refers
-# to it any more, judged by the storage's reference count (the same test torch's cudagraph trees make before they
-# reuse an output buffer). Anything still holding the old logits - a variable, a view, a tensor autograd saved -
-# keeps them intact, and the new logits get fresh memory. The cost: up to two such buffers stay allocated between
-# steps (so a CPU step's peak can be one logits tensor higher).
-# Values do not change: the forward is the same mm on the same operands as F.linear's (x @ W.T, out=), and the
-# backward is the same two mms autograd runs for F.linear (grad_x = g @ W, grad_W = g^T @ x), so logits and
-# gradients are bitwise equal to nn.Linear's. One layout difference: grad_W is returned as a plain (vocab, C)
-# tensor instead of the transposed view of a transposed view that autograd makes for F.linear; that lets the engine
-# add the tied embedding's gradient into it in place instead of into yet another (vocab, C) tensor (same sum, same
-# bits). Everything else (GPU, autocast, torch.compile, outputs under 32 MiB) is plain nn.Linear.
-REUSE_OUTPUT_BYTES = 32 * 2**20  # glibc's largest mmap threshold: smaller blocks are recycled by malloc itself
-
-
-class _ReusedOutputs:
-    """CPU output memory of the last few large outputs, by (shape, dtype), handed out again once unreferenced."""
-
-    def __init__(self, keep: int = 2):
-        self.keep = keep
-        self.kept: dict[tuple, torch.UntypedStorage] = {}
-        self.lock = threading.Lock()
-
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        key = (shape, dtype)
-        with self.lock:
-            storage = self.kept.pop(key, None)
-            # 1 = our reference alone: no tensor, view or saved tensor uses this memory any more
-            if storage is None or torch._C._storage_Use_Count(storage._cdata) != 1:
-                storage = torch.empty(shape, dtype=dtype).untyped_storage()
-            self.kept[key] = storage  # most recent last
-            while len(self.kept) > self.keep:
-                self.kept.pop(next(iter(self.kept)))
-            return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # a new tensor (not a view) on it
-
-
-REUSED_OUTPUTS = _ReusedOutputs() if hasattr(torch._C, "_storage_Use_Count") else None
-
-
-class _HeadMatmul(torch.autograd.Function):
-    """x @ weight.T into reused memory, with nn.Linear's own backward matmuls. x (N, C), weight (V, C)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        out = REUSED_OUTPUTS.empty((x.shape[0], weight.shape[0]), x.dtype)
-        return torch.mm(x, weight.t(), out=out)  # (N, V)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        x, weight = ctx.saved_tensors
-        grad_x = grad.mm(weight) if ctx.needs_input_grad[0] else None  # (N, C)
-        grad_w = grad.t().mm(x) if ctx.needs_input_grad[1] else None  # (V, C), contiguous
-        return grad_x, grad_w
-
-
-class OutputHead(nn.Linear):
-    """nn.Linear without bias (the tied output head); large CPU outputs go through _HeadMatmul, see above."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (REUSED_OUTPUTS is not None and self.bias is None and x.device.type == "cpu" and x.dim() == 3
-                and x.is_contiguous() and x.dtype == self.weight.dtype and not torch.is_autocast_enabled("cpu")
-                and not torch.compiler.is_compiling()
-                and x.shape[0] * x.shape[1] * self.out_features * x.element_size() >= REUSE_OUTPUT_BYTES):
-            B, T, C = x.shape
-            return _HeadMatmul.apply(x.view(B * T, C), self.weight).view(B, T, self.out_features)
-        return super().forward(x)
-
-
 class Block(nn.Module):
     """Pre-LayerNorm block: each branch reads a normalised copy and adds back into the residual stream."""
 
@@ -250,9 +177,10 @@ class GPT(nn.Module):
         return KVCache(self.config.n_layer, min(max_len, self.config.block_size))
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
-                segments: torch.Tensor | None = None) -> torch.Tensor:
+                segments: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab). segments (B, T), for packed rows: which example each position belongs to
-        (numbered along the row; -1 = padding); positions restart and attention stays within each example."""
+        (numbered along the row; -1 = padding); positions restart and attention stays within each example.
+        last_only: logits of the last position alone, (B, 1, vocab), all that picking the next token needs."""
         B, T = idx.shape
         past = 0 if cache is None else cache.pos
         if past + T > self.config.block_size:
@@ -272,6 +200,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.advance(T)
         x = self.transformer.ln_f(x)  # (B, T, C)
+        if last_only:  # inference: only the next token's logits, (B, 1, vocab_size)
+            return last_logits(x[:, -1], self.lm_head.weight).unsqueeze(1)
         return self.lm_head(x)  # (B, T, vocab_size)
 
     def num_params(self, non_embedding: bool = True) -> int:
@@ -285,6 +215,18 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6N for the matmuls (forward + backward) plus attention scores."""
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+def last_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T for the few rows of a decoding step: x (B, C), the output head's weight (vocab, C) -> (B, vocab).
+
+    A decoding step reads the whole (vocab, C) matrix for a few rows. On the CPU (MKL) the order
+    (weight @ x.T).T does that 3-5x faster than x @ weight.T, whose few-row kernels read the matrix slowly; a
+    single row is given a copy, since one column would go to the matrix-vector kernel, as slow
+    (bench/generate_throughput.py). The values are lm_head(x)'s up to float rounding (another summation order).
+    """
+    cols = x.T if x.shape[0] > 1 else x.repeat(2, 1).T  # (C, >= 2)
+    return (weight @ cols).T[: x.shape[0]]  # (B, vocab)
 
 
 def packed_positions(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

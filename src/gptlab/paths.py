@@ -31,6 +31,13 @@ def resume_dir(stage: str) -> Path:
 def metrics_dir(stage: str) -> Path:
     return METRICS / stage
 
+
+TIMING = METRICS / "timing"  # per-run timing series: no stage output, git-ignored (gptlab/train.py)
+
+
+def timing_file(stage: str) -> Path:
+    return TIMING / f"{stage}.tsv"
+
 LOCKS = Path(".dvc") / "tmp" / "gptlab-locks"  # DVC's untracked scratch folder: never committed or pushed
 
 

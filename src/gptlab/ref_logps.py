@@ -5,7 +5,8 @@ change while the policy trains. The ref_logps stage writes them to data/ref_logp
 a sweep over dpo.beta, loss_type or lr reuses them, and DPO runs one forward pass per step instead of two.
 
     data/ref_logps/logps.safetensors   train_chosen, train_rejected, heldout_chosen, heldout_rejected (float32)
-    data/ref_logps/meta.json           the sft weights' SHA-256 and a fingerprint of the encoded pairs
+    data/ref_logps/meta.json           init_sha256: the sft weights' SHA-256 (what the dpo checkpoint records as its
+                                       init_sha256), and a fingerprint of the encoded pairs
 
 dpo refuses log-probs made from other weights or other pairs (another dpo.data, max_prompt_tokens or
 tokenizer), naming what differs, instead of training against a wrong reference.
@@ -25,7 +26,7 @@ from gptlab.fileio import atomic_path, atomic_write_json, read_json
 
 WEIGHTS = "logps.safetensors"
 META = "meta.json"
-META_FIELDS = {"sft_sha256": str, "pairs": dict}
+META_FIELDS = {"pairs": dict}  # and init_sha256: checked by read, which refuses a file without it
 SETS = ("train", "heldout")
 REMAKE = "rerun the ref_logps stage (dvc repro ref_logps)"
 
@@ -50,7 +51,7 @@ def pairs_fingerprint(pairs: list[tuple[Example, Example]]) -> str:
     return h.hexdigest()
 
 
-def write(logps: dict[str, tuple[torch.Tensor, torch.Tensor]], sft_sha256: str, fingerprints: dict[str, str]) -> None:
+def write(logps: dict[str, tuple[torch.Tensor, torch.Tensor]], init_sha256: str, fingerprints: dict[str, str]) -> None:
     """Tensors first, meta.json last (each to a temp name, then renamed): a meta.json means a whole set."""
     folder = paths.REF_LOGPS
     folder.mkdir(parents=True, exist_ok=True)
@@ -60,16 +61,19 @@ def write(logps: dict[str, tuple[torch.Tensor, torch.Tensor]], sft_sha256: str, 
     with atomic_path(folder / WEIGHTS) as tmp:
         safetensors.torch.save_file(tensors, str(tmp))
     pairs = {name: {"count": len(logps[name][0]), "fingerprint": fingerprints[name]} for name in logps}
-    atomic_write_json(folder / META, {"sft_sha256": sft_sha256, "pairs": pairs})
+    atomic_write_json(folder / META, {"init_sha256": init_sha256, "pairs": pairs})
 
 
-def read(sft_sha256: str, fingerprints: dict[str, str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The log-probs for these sft weights and these encoded pairs; anything else is a GptlabError."""
+def read(init_sha256: str, fingerprints: dict[str, str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The log-probs for the sft weights with this SHA-256 and these encoded pairs; anything else is a
+    GptlabError."""
     folder = paths.REF_LOGPS
     meta = read_json(folder / META, META_FIELDS, fix=REMAKE)
-    if meta["sft_sha256"] != sft_sha256:
-        raise GptlabError(f"{folder}: made from sft weights {meta['sft_sha256'][:12]}, but "
-                          f"{paths.checkpoint_dir('sft')} holds {sft_sha256[:12]}; {REMAKE}")
+    made = meta.get("init_sha256")
+    if made != init_sha256:  # a file from before the key was init_sha256 names no weights: refused the same way
+        shown = made[:12] if isinstance(made, str) else "unnamed (an older gptlab)"
+        raise GptlabError(f"{folder}: made from other weights (sft weights {shown}, not the "
+                          f"{init_sha256[:12]} of {paths.checkpoint_dir('sft')}'s); {REMAKE}")
     try:
         tensors = safetensors.torch.load_file(str(folder / WEIGHTS))
     except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError (and others) for damaged bytes

@@ -10,10 +10,10 @@ A state is a folder `checkpoints/resume/<stage>/step_NNNNNNN/` holding
 The batches are a pure function of (seed, step) (data/loader.py) and the learning rate of the step, so the
 step number is the whole data and schedule position.
 
-Writing: every rank writes its RNG file into `.step_NNNNNNN.tmp`, the main process the rest, state.json
-last, everything fsynced, then one rename makes it `step_NNNNNNN`. A kill at any moment leaves the previous
-states as they were; leftover temp folders are removed at the next start (the stage's lock means no other
-writer). Only the newest `keep_saves` states are kept. Nothing here is pickled.
+Writing: the main process replaces `step_NNNNNNN` with gptlab.fileio.replace_folder; every rank writes its
+RNG file into the staging folder, the main process the rest, state.json last, and one rename swaps it in. A
+kill at any moment leaves the previous states as they were; what it left is cleared at the next start (the
+stage's lock means no other writer). Only the newest `keep_saves` states are kept. Nothing here is pickled.
 
 The folder is not a DVC output, so `dvc push` shares final checkpoints only. A stage that finishes deletes
 its resume states: they exist only for runs that were stopped.
@@ -22,18 +22,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import signal
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
 import torch
+from accelerate.utils import broadcast_object_list
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from gptlab.config import GptlabError
-from gptlab.fileio import check_fields, fsync, read_json
+from gptlab.fileio import (
+    check_fields,
+    file_sha256,
+    read_json,
+    recover,
+    recover_all,
+    remove_folder,
+    replace_folder,
+    write_new,
+)
 
 STATE_FILE = "state.json"
 MODEL_FILE = "model.safetensors"
@@ -41,9 +50,6 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 METRICS_COPY = "metrics"
 TIED = "lm_head.weight"  # shares storage with transformer.wte.weight
 PREFIX = "step_"
-# Test hook: with GPTLAB_SAVE_FAULT_STEP=N set, the main process SIGKILLs itself half-way through writing the
-# state of step N (weights written, state.json not yet), so tests can check that the previous state survives.
-FAULT_ENV = "GPTLAB_SAVE_FAULT_STEP"
 # changing these never changes what a run computes, so a state made with other values still resumes
 FREE_KEYS = ("save_interval", "keep_saves")
 
@@ -83,22 +89,12 @@ def fingerprint(params: dict, inputs: dict[str, str], accelerator, micro_batch_s
     }
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # --- writing ---------------------------------------------------------------------------------------------
 
 def clear_leftovers(root: Path) -> None:
-    """Temp folders of saves that were killed (the stage lock guarantees no save is running)."""
-    if root.is_dir():
-        for entry in root.iterdir():
-            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
-                shutil.rmtree(entry, ignore_errors=True)
+    """What killed saves, prunes and discard_all left in and beside `root` (see gptlab.fileio.recover)."""
+    recover(root)
+    recover_all(root)
 
 
 def full_state(module) -> dict[str, torch.Tensor]:
@@ -126,32 +122,25 @@ def save_state(root: Path, step: int, module, optimizer, accelerator, print_fing
     """Write the state after `step` (a collective: every process calls it). `module` is the unwrapped model
     (sharded in place under FSDP), `optimizer` the torch optimizer. Returns the new folder."""
     final = root / f"{PREFIX}{step:07d}"
-    tmp = root / f".{final.name}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    _write_tensors(tmp / rng_file(accelerator.process_index), rng_state())
-    model_state = full_state(module)
-    optim_state = optimizer_tensors(module, optimizer)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        files = {
-            MODEL_FILE: _write_tensors(tmp / MODEL_FILE, model_state),
-            OPTIMIZER_FILE: _write_tensors(tmp / OPTIMIZER_FILE, optim_state),
-        }
-        if os.environ.get(FAULT_ENV) == str(step):
-            os.kill(os.getpid(), signal.SIGKILL)
-        for rank in range(accelerator.num_processes):
-            files[rng_file(rank)] = file_sha256(tmp / rng_file(rank))
-        if metrics_dir.is_dir():
-            shutil.copytree(metrics_dir, tmp / METRICS_COPY)
-        record = {"step": step, "files": files, "fingerprint": print_fingerprint}
-        _write_durable(tmp / STATE_FILE, (json.dumps(record, indent=2) + "\n").encode())
-        _fsync_tree(tmp)
-        shutil.rmtree(final, ignore_errors=True)  # only there if a run saved this step, then was resumed from before it
-        os.rename(tmp, final)
-        fsync(root)
+    main = accelerator.is_main_process
+    with replace_folder(final) if main else nullcontext() as staging:
+        staging = broadcast_object_list([staging])[0]  # the main process's staging folder, for every rank
+        _write_tensors(staging / rng_file(accelerator.process_index), rng_state())
+        model_state = full_state(module)
+        optim_state = optimizer_tensors(module, optimizer)
+        accelerator.wait_for_everyone()
+        if main:
+            files = {
+                MODEL_FILE: _write_tensors(staging / MODEL_FILE, model_state),
+                OPTIMIZER_FILE: _write_tensors(staging / OPTIMIZER_FILE, optim_state),
+            }
+            for rank in range(accelerator.num_processes):
+                files[rng_file(rank)] = file_sha256(staging / rng_file(rank))
+            if metrics_dir.is_dir():
+                shutil.copytree(metrics_dir, staging / METRICS_COPY)
+            record = {"step": step, "files": files, "fingerprint": print_fingerprint}
+            write_new(staging / STATE_FILE, (json.dumps(record, indent=2) + "\n").encode())
+    if main:
         prune(root, keep)
     accelerator.wait_for_everyone()
     return final
@@ -176,25 +165,13 @@ def optimizer_tensors(module, optimizer) -> dict[str, torch.Tensor]:
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     data = safetensors.torch.save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
-    _write_durable(path, data)
+    write_new(path, data)
     return hashlib.sha256(data).hexdigest()
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_tree(folder: Path) -> None:
-    for root, _, _ in os.walk(folder):
-        fsync(Path(root))
 
 
 def prune(root: Path, keep: int) -> None:
     for old in states(root)[keep:]:
-        shutil.rmtree(old)
+        remove_folder(old)
 
 
 def states(root: Path) -> list[Path]:
@@ -206,8 +183,9 @@ def states(root: Path) -> list[Path]:
 
 
 def discard_all(root: Path) -> None:
-    """A finished stage needs none of its states."""
-    shutil.rmtree(root, ignore_errors=True)
+    """A finished stage needs none of its states (what a kill midway leaves, clear_leftovers deletes)."""
+    with suppress(OSError):
+        remove_folder(root)
 
 
 # --- reading ---------------------------------------------------------------------------------------------

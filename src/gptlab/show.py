@@ -7,10 +7,10 @@ checkpoint), else from what the pipeline will use (data/tokenizer and model.bloc
 """
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 from gptlab import paths
-from gptlab.config import GptlabError, Params
+from gptlab.config import PIPELINE_MODELS, GptlabError, Params
 from gptlab.data.formats import Example, encode_conversations, encode_pairs
 from gptlab.tokenizer import Tokenizer
 
@@ -20,18 +20,13 @@ GREEN, RESET = "\033[1;32m", "\033[0m"
 
 def tokenizer_and_context(params: Params, stage: str) -> tuple[Tokenizer, int, str]:
     """(tokenizer, block_size, where they came from) for the stage's examples."""
-    from gptlab.checkpoint import checkpoint_tokenizer, read_meta
+    from gptlab.checkpoint import check_model_folder
     from gptlab.tokenizer import load_tokenizer
 
-    if stage == "sft" and params.sft.init != str(paths.checkpoint_dir("pretrain")):
-        from gptlab.hf_gpt2 import read_hf_config
-        from gptlab.tokenizer import gpt2_tokenizer
-
-        config = read_hf_config(Path(params.sft.init) / "config.json")
-        return gpt2_tokenizer(), config.block_size, params.sft.init
-    parent = Path(params.sft.init) if stage == "sft" else paths.checkpoint_dir("sft")
-    if (parent / "meta.json").exists():
-        return checkpoint_tokenizer(parent), read_meta(parent)["model"]["block_size"], str(parent)
+    parent = params.sft.init if stage == "sft" else str(paths.checkpoint_dir("sft"))
+    if parent not in PIPELINE_MODELS.values() or os.path.lexists(parent):  # the pipeline's may not be made yet
+        found = check_model_folder(parent)  # what load_model checks, without reading the weights
+        return found.tokenizer(), found.config.block_size, parent
     if not (paths.TOKENIZER / "meta.json").exists():
         raise GptlabError(f"no tokenizer yet: neither {parent} nor {paths.TOKENIZER} exists; run the tokenize "
                           "stage first (dvc repro tokenize)")

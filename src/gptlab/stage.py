@@ -1,4 +1,6 @@
-"""Start-up shared by the stage scripts: params, accelerator, seed, inherited checkpoints, announcements."""
+"""Start-up shared by the stage scripts: params, accelerator, seed, what a checkpoint records, announcements.
+
+Stages open their start points with gptlab.checkpoint.load_model."""
 from __future__ import annotations
 
 import fcntl
@@ -15,11 +17,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from gptlab import paths, provenance
-from gptlab.checkpoint import checkpoint_tokenizer, load_checkpoint
 from gptlab.config import GptlabError, Params, load_params
 from gptlab.data.shards import Shard, read_shard, shard_paths
+from gptlab.fileio import file_sha256
 from gptlab.launch import LAUNCHER_PID, die_with_parent, error_marker
-from gptlab.resume import file_sha256
 from gptlab.tokenizer import Tokenizer
 from gptlab.train import Stopped, say
 
@@ -129,45 +130,28 @@ def require_same_tokenizer(stage: str, tok: Tokenizer, expected_fingerprint: str
         )
 
 
-def inherit(parent: str, device):
-    """The parent stage's checkpoint: (model, meta, the tokenizer saved with it)."""
-    directory = paths.checkpoint_dir(parent)
-    model, meta = load_checkpoint(directory, device)
-    return model, meta, checkpoint_tokenizer(directory)
-
-
-def start_point(init: str, device):
-    """sft.init: the pretrain checkpoint, or a Hugging Face GPT-2 folder (read from safetensors, never pickle)."""
-    if init == str(paths.checkpoint_dir("pretrain")):
-        return inherit("pretrain", device)
-    from gptlab.hf_gpt2 import load_hf_gpt2
-
-    return load_hf_gpt2(init, device)
-
-
 def announce(accelerator: Accelerator, stage: str, lines: dict) -> None:
     say(accelerator, f"[{stage}] " + " | ".join(f"{k} {v}" for k, v in lines.items()))
 
 
 def stage_inputs(parent_meta: dict, *files: Path) -> dict[str, str]:
-    """Checksums of what a fine-tuning stage reads: its start weights and data files (see gptlab.resume)."""
-    weights = parent_meta.get("weights", {}).get("sha256", "")
-    return {"init_weights": weights, **{str(f): file_sha256(f) for f in files}}
+    """Checksums of what a fine-tuning stage reads: its start weights (init_sha256, as meta.json names them)
+    and data files (see gptlab.resume). A resume state saved with other names or values is refused."""
+    return {"init_sha256": provenance.init_sha256(parent_meta) or "", **{str(f): file_sha256(f) for f in files}}
 
 
 def stage_meta(stage: str, params: Params, sections: tuple[str, ...], init_from: str | None = None,
-               parent_meta: dict | None = None, **extra) -> dict:
+               parent_meta: dict | None = None, **extra) -> provenance.Meta:
     """What a checkpoint records about how it was made (see gptlab.provenance): its start point's folder
-    (None = scratch) and weights' hash, every ancestor, the git commit, and the resolved params sections. The
-    start point's hash is how evaluate finds a dpo model's reference log-probs."""
-    parent = {} if parent_meta is None else {"init_sha256": parent_meta["weights"]["sha256"]}
+    (None = scratch) and weights' hash, every ancestor, and the resolved params sections. The start point's
+    hash is how evaluate finds a dpo model's reference log-probs. No git state: see gptlab.provenance."""
+    parent = {} if parent_meta is None else {"init_sha256": provenance.init_sha256(parent_meta)}
     return {
         "stage": stage,
         "init_from": init_from or "scratch",
         **parent,
         **extra,
         "lineage": [] if parent_meta is None else provenance.lineage(init_from, parent_meta),
-        "git": provenance.git_state(),
         "params": {"seed": params.seed, "preset": params.preset, **{s: asdict(getattr(params, s)) for s in sections}},
     }
 

@@ -94,9 +94,13 @@ def open_live(stage_metrics_dir: Path, accelerator: Accelerator, resume: bool):
     return Live(dir=str(stage_metrics_dir), dvcyaml=False, save_dvc_exp=False, resume=resume)
 
 
-# Logged per step into the plots, kept out of metrics.json: they change from run to run (timings) or are set by
-# params (lr), so in `dvc metrics diff` and `dvc exp show` they would only bury the results.
-PLOTS_ONLY = ("lr", "tokens_per_sec", "ms_per_step")
+# Logged per step into the plots, kept out of metrics.json: set by params, so in `dvc metrics diff` and
+# `dvc exp show` they would only bury the results.
+PLOTS_ONLY = ("lr",)
+# Timings differ on every run, so they go to their own git-ignored file (paths.timing_file), outside every
+# stage output: a rerun whose results are byte-identical leaves git and dvc.lock clean, and `dvc plots show`
+# still draws them from the workspace.
+TIMING = ("tokens_per_sec", "ms_per_step")
 
 
 def log_to_live(live, step: int, metrics: dict[str, float]) -> None:
@@ -104,10 +108,28 @@ def log_to_live(live, step: int, metrics: dict[str, float]) -> None:
         return
     live.step = step
     for k, v in metrics.items():
-        live.log_metric(k, v)
+        if k not in TIMING:
+            live.log_metric(k, v)
     for k in PLOTS_ONLY:
         live.summary.pop(k, None)
     live.make_summary()
+
+
+def open_timing(stage: str, accelerator: Accelerator, resume: bool) -> Path | None:
+    """The main process's timing file, started afresh unless a resumed run continues it."""
+    if not accelerator.is_main_process:
+        return None
+    path = paths.timing_file(stage)
+    if not (resume and path.is_file()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\t".join(("step", *TIMING)) + "\n")
+    return path
+
+
+def log_timing(path: Path | None, step: int, metrics: dict[str, float]) -> None:
+    if path is not None:
+        with path.open("a") as f:
+            f.write("\t".join([str(step)] + [f"{metrics[k]:.6g}" for k in TIMING]) + "\n")
 
 
 def require_finite(step: int, loss: torch.Tensor, section: str, checkpoint_dir: Path) -> None:
@@ -211,6 +233,7 @@ def train(
     if cfg.compile:
         wrapped.compile()  # in place: parameter names and the state dict stay as they are
     live = open_live(paths.metrics_dir(stage), accelerator, resume=saved is not None)
+    timing = open_timing(stage, accelerator, resume=saved is not None)
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not accelerator.is_main_process, desc="train",
                dynamic_ncols=True, mininterval=2.0)
     final: dict[str, float] = {}
@@ -249,6 +272,7 @@ def train(
                     metrics = {**means, "lr": lr, "tokens_per_sec": tokens / seconds, "ms_per_step": 1000 * seconds / steps}
                     say(accelerator, log_line(step, metrics))
                     log_to_live(live, step, metrics)
+                    log_timing(timing, step, metrics)
                     final.update(metrics)
                     seconds, tokens, steps = 0.0, 0, 0
                 if step % cfg.eval_interval == 0 or last:

@@ -24,19 +24,16 @@ the shards are byte-identical for any `workers`, provided the generator yields t
 `stop` is updated at the same points of the stream.
 
 Each split's tokens go, in stream order, into `{split}_{k:06d}.bin` shards of exactly `shard_tokens` ids (the
-last may be shorter; a document may span two shards) in gptlab.data.shards' format. Everything is written to
-`.<name>.tmp-<pid>` beside `out_dir`, then swapped in as a whole: the old folder is renamed to
-`.<name>.old-<pid>`, the new one renamed in, the old one deleted. A kill at any moment leaves `out_dir`
-holding the old shards or the new ones, complete (or, between the two renames, no `out_dir`: the next run
-puts the old one back before it starts), never a partial shard; every run first clears what a killed run
-left (told apart by its writer's pid).
+last may be shorter; a document may span two shards) in gptlab.data.shards' format. The folder is replaced
+as a whole by gptlab.fileio.replace_folder: a kill at any moment leaves `out_dir` holding the old shards or the
+new ones, complete (or, between two renames where the file system has no atomic exchange, no `out_dir`: the
+next run puts the old one back before it starts), never a partial shard.
 """
 from __future__ import annotations
 
 import multiprocessing
 import operator
 import os
-import shutil
 import signal
 import sys
 import time
@@ -51,7 +48,7 @@ from tqdm import tqdm
 
 from gptlab.config import GptlabError
 from gptlab.data.shards import HEADER_BYTES, ShardError, shard_dtype, shard_header
-from gptlab.fileio import fsync, leftover_siblings, sibling
+from gptlab.fileio import replace_folder, step
 from gptlab.launch import die_with_parent
 from gptlab.tokenizer import EOT, TiktokenTokenizer, Tokenizer, load_tokenizer
 
@@ -62,10 +59,6 @@ SPLITS = ("train", "val")
 CHUNK_DOCS = 4096  # documents per task, at most
 CHUNK_CHARS = 1 << 20  # characters per task, at most (a longer document makes a chunk of its own)
 IN_FLIGHT = 32  # chunks read ahead of the one being consumed (independent of the worker count, see above)
-# Test hook: with this variable set to k, the process SIGKILLs itself right after its k-th (from 0)
-# filesystem step of writing or swapping in the shard folder, so tests can kill a run at every moment.
-FAULT_ENV = "GPTLAB_TOKENIZE_FAULT_AFTER"
-_steps_done = 0
 
 
 @dataclass
@@ -92,42 +85,33 @@ def write_shards(docs: Iterable[Document], tokenizer_dir: Path, out_dir: Path, *
         raise ValueError(f"budgets must be 0 (no cap) or positive, got {budgets}")
     if not workers:  # one per core this process may run on (os.cpu_count() counts cores it may not use)
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    out_dir = Path(os.path.abspath(out_dir))  # "." has no name to build the siblings' from
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _recover(out_dir)
-    staging = sibling(out_dir, "tmp")
-    pool = None
-    try:
-        staging.mkdir()
-        _step()
-        if workers > 1:
-            # Only the workers load the tokenizer, while this process reads ahead; it needs (n_vocab, fingerprint)
-            # for the shard headers, which the first worker free sends back (or the error that loading raised).
-            pool = multiprocessing.get_context().Pool(
-                workers, initializer=_init_worker, initargs=(str(tokenizer_dir), os.getpid()))
-            info, encode = pool.apply_async(_worker_info).get, None
-        else:
-            encoder = _ChunkEncoder(load_tokenizer(tokenizer_dir))
-            info, encode = (lambda: encoder.info), encoder
-        writers = {split: _SplitWriter(staging, split, shard_tokens, info) for split in SPLITS}
-        consumer = _Consumer(budgets, stop, writers)
-        _run(docs, stop, consumer, pool, encode)
-        info()  # raises the tokenizer's error if no document was ever tokenized
-        if pool is not None:
-            pool.close()
-            pool.join()
-            pool = None
-        for writer in writers.values():
-            writer.close()
-        _check_not_empty(writers, out_dir)
-        fsync(staging)
-        _step()
-        _swap_in(staging, out_dir)
-    finally:
-        if pool is not None:
-            pool.terminate()
-        if os.path.lexists(staging):  # only if something stopped the run: its half-written shards
-            shutil.rmtree(staging, ignore_errors=True)
+    with replace_folder(out_dir) as staging:
+        pool = None
+        try:
+            if workers > 1:
+                # Only the workers load the tokenizer, while this process reads ahead; it needs (n_vocab,
+                # fingerprint) for the shard headers, which the first worker free sends back (or the error that
+                # loading raised).
+                pool = multiprocessing.get_context().Pool(
+                    workers, initializer=_init_worker, initargs=(str(tokenizer_dir), os.getpid()))
+                info, encode = pool.apply_async(_worker_info).get, None
+            else:
+                encoder = _ChunkEncoder(load_tokenizer(tokenizer_dir))
+                info, encode = (lambda: encoder.info), encoder
+            writers = {split: _SplitWriter(staging, split, shard_tokens, info) for split in SPLITS}
+            consumer = _Consumer(budgets, stop, writers)
+            _run(docs, stop, consumer, pool, encode)
+            info()  # raises the tokenizer's error if no document was ever tokenized
+            if pool is not None:
+                pool.close()
+                pool.join()
+                pool = None
+            for writer in writers.values():
+                writer.close()
+            _check_not_empty(writers, out_dir)
+        finally:
+            if pool is not None:
+                pool.terminate()
     return consumer.stats()
 
 
@@ -434,7 +418,7 @@ class _SplitWriter:
         finally:
             f.close()
         self.n_shards += 1
-        _step()
+        step()
 
     def close(self) -> None:
         if self.file is not None:
@@ -448,58 +432,3 @@ def _check_not_empty(writers: dict[str, _SplitWriter], out_dir: Path) -> None:
     if not writers["val"].n_tokens:
         raise GptlabError(f"{out_dir}: no validation documents: set data.sources[i].val_share or val_split "
                           "for at least one source")
-
-
-# --- swapping the folder in, and clearing up after a killed run ---------------------------------------------
-
-def _swap_in(staging: Path, out_dir: Path) -> None:
-    if not os.path.lexists(out_dir):
-        os.rename(staging, out_dir)
-        _step()
-        fsync(out_dir.parent)
-        return
-    old = sibling(out_dir, "old")
-    os.rename(out_dir, old)
-    _step()
-    try:
-        os.rename(staging, out_dir)  # a kill before this leaves no out_dir: _recover puts `old` back
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    _step()
-    fsync(out_dir.parent)  # the new name is on disk before the old folder goes
-    _step()
-    _remove(old)
-
-
-def _recover(out_dir: Path) -> None:
-    """Undo what a killed run left: put the old folder back if it died between the two renames, then
-    delete its temp and old folders. A live run's folders (its pid still exists) are left alone."""
-    leftovers = leftover_siblings(out_dir)
-    if not os.path.lexists(out_dir):
-        old = [path for path, kind in leftovers if kind == "old"]
-        if old:
-            os.rename(old[0], out_dir)
-            leftovers = [(p, k) for p, k in leftovers if p != old[0]]
-            _step()
-    for path, _ in leftovers:
-        _remove(path)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        path.unlink(missing_ok=True)
-    _step()
-
-
-def _step() -> None:
-    """Count one filesystem step for the FAULT_ENV test hook; a no-op unless that variable is set."""
-    limit = os.environ.get(FAULT_ENV)
-    if limit is None:
-        return
-    global _steps_done
-    if _steps_done >= int(limit):
-        os.kill(os.getpid(), signal.SIGKILL)
-    _steps_done += 1
