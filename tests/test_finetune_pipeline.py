@@ -5,10 +5,11 @@ folder is a start point through `dvc exp run -S sft.init=...`, and `gptlab show-
 import hashlib
 import json
 import math
+import shutil
 
 import pytest
 import yaml
-from conftest import copy_project, project_env, sh, tokenized_copy
+from conftest import project_env, sh, tokenized_copy
 
 pytestmark = pytest.mark.slow
 T = 128  # conftest's TINY block_size
@@ -126,10 +127,9 @@ def gpt2_folder():
     return GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=T, vocab_size=50257))
 
 
-def test_sft_on_own_chat_jsonl_from_a_gpt2_folder_with_dvc_exp_run(tmp_path, gpt2_folder):
+def test_sft_on_own_chat_jsonl_from_a_gpt2_folder_with_dvc_exp_run(tiny_project, tmp_path, gpt2_folder):
     """The commands of docs/03-fine-tuning.md: a GPT-2 folder under models/, chat jsonl under finetune/, one `dvc exp run`."""
-    p = copy_project(tmp_path / "proj")
-    sh("dvc repro", p)
+    p = shutil.copytree(tiny_project, tmp_path / "proj", symlinks=True)  # a reproduced project of its own
     gpt2_folder.save_pretrained(p / "models" / "tiny-gpt2")
     chats = [{"messages": [{"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": "Hello."},
                            {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]}
