@@ -32,7 +32,7 @@ from gptlab.model import GPT, GPTConfig
 from gptlab.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.slow  # needs the tiny pipeline's outputs (one `dvc repro`, shared by the session)
-OUTPUT_DIRS = ("data", "checkpoints", "metrics")
+OUTPUT_DIRS = ("data", "checkpoints", "metrics", "src")  # src: a folder of the user's
 TRAIN, VAL = "data/shards/train_000000.bin", "data/shards/val_000000.bin"
 
 
@@ -40,7 +40,7 @@ TRAIN, VAL = "data/shards/train_000000.bin", "data/shards/val_000000.bin"
 class Case:
     name: str
     damage: Callable[[Path], None]  # breaks one thing in the project copy
-    run: str  # a stage name, or "generate <args>" for the CLI
+    run: str  # a stage name (and its argv), or a `gptlab` command of CLI_COMMANDS and its arguments
     needles: tuple[str, ...]  # what the error line must name
     rewrites: tuple[str, ...] = ()  # outputs the run may legitimately replace before failing
 
@@ -271,10 +271,16 @@ CASES = [
          ("checkpoints/sft",)),
     Case("generate-nan-weights", nan_checkpoint("pretrain"), "generate checkpoints/pretrain --prompt x",
          ("checkpoints/pretrain", "NaN")),
+    # gptlab export-hf
+    Case("export-overwrite-a-users-folder", lambda p: None, "export-hf checkpoints/pretrain src --overwrite",
+         ("src", "not an earlier export", "--overwrite will not replace it")),
     # faults during training
     # (its metrics folder holds the failed run's curve up to the bad step: what a user needs to see why)
     Case("loss-goes-nan", set_param("pretrain.lr", 1.0e30), "pretrain", ("pretrain", "loss is"), ("metrics/pretrain", "metrics/timing")),
 ]
+
+
+CLI_COMMANDS = ("generate", "export-hf", "info", "show-example")
 
 
 # --- running a case ---------------------------------------------------------------------------------
@@ -299,8 +305,8 @@ def run_case(project: Path, command: str) -> tuple[int, str]:
     os.chdir(project)
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            if command.startswith("generate"):
-                code = cli_main([*command.split()[:1], *command.split()[1:]])
+            if command.split()[0] in CLI_COMMANDS:
+                code = cli_main(command.split())
             else:
                 name, *args = command.split()  # e.g. "evaluate dpo": the stage module and its argv
                 module = importlib.import_module(f"stages.{name}")

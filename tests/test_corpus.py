@@ -29,22 +29,30 @@ def digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-def test_a_files_source_with_the_char_tokenizer_runs_the_dag_and_reruns_tokenize_when_a_file_changes(tmp_path):
+def test_a_world_and_files_mix_with_the_char_tokenizer_runs_the_dag_and_reruns_tokenize_when_a_file_changes(tmp_path):
+    """`tokenizer.kind: char` over the world and a files source: every stage runs (it once failed in tokenize,
+    on the world's fine-tuning rows), generation decodes, and an edited corpus file reruns tokenize."""
     project = copy_project(tmp_path / "files")
     write_corpus(project)
     edit_params(project, {
-        "data": {"sources": [{"kind": "files", "paths": ["corpus/*.txt"], "separator": "\n\n", "val_share": 0.2,
-                              "weight": 1.0}]},
+        "data": {"sources": [{"kind": "world", "weight": 0.5},
+                             {"kind": "files", "paths": ["corpus/*.txt"], "separator": "\n\n", "val_share": 0.2,
+                              "weight": 0.5}]},
+        # a character per token: the longest question + padded answer (~150 characters) needs a longer context
         "tokenizer": {"kind": "char"}, "model": {"block_size": 256},
     })
     sh("git add -A && git commit -qm corpus", project)
     out = sh("dvc repro", project)
-    assert "sources[0] files corpus/*.txt (3 files" in out.stdout + out.stderr
+    assert "sources[1] files corpus/*.txt (3 files" in out.stdout + out.stderr
+    assert "Running stage 'evaluate@dpo'" in out.stdout
     info = json.loads((project / "data" / "info.json").read_text())
-    assert info["tokenizer"]["kind"] == "char" and "entropy_floor" not in info
+    assert info["tokenizer"]["kind"] == "char" and info["tokenizer"]["n_vocab"] < 100
+    assert "entropy_floor" not in info
     assert info["n_tokens"]["train"] > info["n_tokens"]["val"] > 0
     for model in ("pretrain", "sft", "dpo"):  # the world's sets still fine-tune and evaluate
         assert "exact_match" in json.loads((project / "metrics" / "evaluate" / model / "metrics.json").read_text())
+    gen = sh("gptlab generate checkpoints/dpo --chat --prompt 'Where was Q born?' --max_tokens 5", project)
+    assert gen.stdout.startswith("Question: Where was Q born?\nAnswer:")
     assert "up to date" in sh("dvc status", project).stdout
     with open(project / "corpus" / "play1.txt", "a") as f:
         f.write("\n\nJULIET:\nO Romeo, Romeo!\n")

@@ -221,8 +221,20 @@ def test_existing_out_dir_is_kept_unless_overwrite(small, tmp_path):
     (out / "keep.txt").write_text("mine")
     error(f"{out}: exists and is not empty; pass --overwrite", small, out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces an earlier export only: a folder of the user's is never deleted (it once was: `src`)
+    error(f"{out}: is not an earlier export (it has keep.txt), so --overwrite will not replace it", small, out,
+          overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    export_hf(small, out)
+    (out / "README.md").write_text("edited")  # an earlier export, edited: still one
     export_hf(small, out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == sorted(HF_WEIGHTS_FILES)
+    assert (out / "README.md").read_text() != "edited"
+    (out / "gptlab_meta.json").unlink()  # export-like names without the provenance file: not recognisably ours
+    error(f"{out}: is not an earlier export (it has no gptlab_meta.json)", small, out, overwrite=True)
+    (out / "data").mkdir()
+    error(f"{out}: is not an earlier export (it has data)", small, out, overwrite=True)
     empty = tmp_path / "empty"
     empty.mkdir()
     export_hf(small, empty)  # an empty folder is no one's work: no --overwrite needed
@@ -266,7 +278,7 @@ def test_an_export_killed_at_any_step_leaves_the_old_or_the_new_folder(small, tm
     new = folder_bytes(tmp_path / "ref")
     base = tmp_path / "base"
     (base / "out").mkdir(parents=True)
-    (base / "out" / "keep.txt").write_text("old")
+    (base / "out" / "gptlab_meta.json").write_text("old")  # an earlier export's provenance: replaceable
     for k in itertools.count():
         run = tmp_path / f"k{k}"
         shutil.copytree(base, run)
@@ -281,7 +293,7 @@ def test_an_export_killed_at_any_step_leaves_the_old_or_the_new_folder(small, tm
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         now = folder_bytes(run / "out") if (run / "out").exists() else None
-        assert now in ({"keep.txt": b"old"}, new) or (now is None and len(list(run.glob(".out.old-*"))) == 1), k
+        assert now in ({"gptlab_meta.json": b"old"}, new) or (now is None and len(list(run.glob(".out.old-*"))) == 1), k
         if os.WIFEXITED(status):
             assert os.WEXITSTATUS(status) == 0 and [p.name for p in run.iterdir()] == ["out"]
             break

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_project, merge, project_env, sh, tokenized_copy
+from conftest import merge, project_env, sh, tokenized_copy
 
 pytestmark = pytest.mark.slow
 OUTPUTS = ("data", "checkpoints", "metrics")
@@ -84,12 +84,11 @@ def test_dvc_exp_run_with_a_bad_value_prints_one_line(tiny_project):
     sh("dvc repro", p)  # check's output back in place
 
 
-def test_two_ranks_report_a_bad_input_once_with_no_launcher_report(tiny_project):
+def test_two_ranks_report_a_bad_input_once_with_no_launcher_report(tiny_project, tmp_path):
     p = tiny_project
     env = project_env(p)
-    env["ACCELERATE_USE_CPU"] = "1"
+    env.update(ACCELERATE_USE_CPU="1", TMPDIR=str(tmp_path))  # where the launcher's report marker goes
     old = edit_params(p, {"pretrain": {"lr": "2e-4"}})
-    markers = set(Path("/tmp").glob("gptlab-error-*"))
     try:
         out = sh("gptlab run pretrain --multi_gpu --num_processes 2", p, env=env, check=False)
     finally:
@@ -98,7 +97,7 @@ def test_two_ranks_report_a_bad_input_once_with_no_launcher_report(tiny_project)
     assert out.returncode == 2
     assert error_lines(text) == [error_lines(text)[0]] and "pretrain.lr" in error_lines(text)[0], text
     assert "Traceback" not in text and "ChildFailedError" not in text and "exitcode" not in text, text
-    assert set(Path("/tmp").glob("gptlab-error-*")) == markers  # the launcher removed its report marker
+    assert not list(tmp_path.glob("gptlab-error-*"))  # the launcher removed its report marker
 
 
 @pytest.fixture
@@ -169,22 +168,6 @@ def test_a_second_run_of_a_running_stage_is_refused(long_run):
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-
-
-def test_char_tokenizer_runs_the_whole_pipeline(tmp_path):
-    """`tokenizer.kind: char` with the shipped params' template: every stage runs (it failed in tokenize)."""
-    project = copy_project(tmp_path / "char")
-    # a character per token: the longest question + padded answer (~150 characters) needs a longer context
-    edit_params(project, {"tokenizer": {"kind": "char"}, "model": {"block_size": 256}})
-    sh("git commit -qam char", project)
-    out = sh("dvc repro", project)
-    assert "Running stage 'evaluate@dpo'" in out.stdout
-    info = yaml.safe_load((project / "data" / "info.json").read_text())
-    assert info["tokenizer"]["kind"] == "char" and info["tokenizer"]["n_vocab"] < 100
-    for model in ("pretrain", "sft", "dpo"):
-        assert "exact_match" in yaml.safe_load((project / "metrics" / "evaluate" / model / "metrics.json").read_text())
-    gen = sh("gptlab generate checkpoints/dpo --chat --prompt 'Where was Q born?' --max_tokens 5", project)
-    assert gen.stdout.startswith("Question: Where was Q born?\nAnswer:")
 
 
 if __name__ == "__main__":

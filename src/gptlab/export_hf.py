@@ -28,7 +28,8 @@ tokenizers as the special token.
 The checkpoint is loaded and checked by gptlab.checkpoint.load_model (SHA-256, shapes, finite weights), whose
 errors pass through; like every command it also takes a Hugging Face GPT-2 folder. The folder is replaced as a
 whole by gptlab.fileio.replace_folder, so OUT_DIR never holds half an export; an existing non-empty OUT_DIR is
-replaced only with overwrite=True. Every problem is a GptlabError of one line: "<path>: <what>; <fix>".
+replaced only with overwrite=True, and only when it is recognisably an earlier export (its gptlab_meta.json
+and no file an export does not write): --overwrite never deletes a folder of the user's. Every problem is a GptlabError of one line: "<path>: <what>; <fix>".
 """
 from __future__ import annotations
 
@@ -305,5 +306,25 @@ def _check_target(checkpoint: Path, out: Path, overwrite: bool) -> None:
         return
     if not out.is_dir():
         raise ExportError(f"{out}: exists and is not a folder; remove it or {fix}")
-    if any(out.iterdir()) and not overwrite:
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
         raise ExportError(f"{out}: exists and is not empty; pass --overwrite to replace it, or {fix}")
+    strangers = _not_an_export(out)
+    if strangers:  # --overwrite replaces an earlier export, never a folder of the user's (it would be deleted)
+        raise ExportError(f"{out}: is not an earlier export (it has {strangers}), so --overwrite will not replace "
+                          f"it; {fix}, or empty it yourself")
+
+
+EXPORT_FILES = {WEIGHTS_FILE, CONFIG_FILE, GENERATION_FILE, PROVENANCE_FILE, README_FILE, "vocab.json",
+                "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"}
+
+
+def _not_an_export(folder: Path) -> str:
+    """What in `folder` an export never writes ('' when it is recognisably one: its provenance file, and only
+    file names an export writes)."""
+    names = sorted(p.name for p in folder.iterdir())
+    others = [n for n in names if n not in EXPORT_FILES or not (folder / n).is_file()]
+    if others:
+        return ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+    return "" if PROVENANCE_FILE in names else f"no {PROVENANCE_FILE}"
