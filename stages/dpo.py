@@ -15,7 +15,7 @@ from gptlab.data.finetune import input_files
 from gptlab.data.loader import Slicer, StepCache, step_rows
 from gptlab.evaluation import batch_pair_logps, pair_logps
 from gptlab.losses import dpo_loss
-from gptlab.stage import announce, run, stage_inputs, stage_meta, start
+from gptlab.stage import announce, empty_entry, epochs_entry, run, stage_inputs, stage_meta, start
 from gptlab.train import Task, train
 
 
@@ -52,9 +52,11 @@ def main() -> None:
         "policy/ref": f"{paths.checkpoint_dir('sft')} (step {parent_meta['step']})",
         "loss": f"{cfg.loss_type} (beta {cfg.beta}" + (f", label_smoothing {cfg.label_smoothing})" if cfg.label_smoothing else ")"),
         "data": sets.source,
+        **empty_entry(sets.empty),
         "pairs": train_set.describe() + dropped,
         "grad_accum": grad_accum,
-        "epochs": f"{cfg.max_steps * cfg.tokens_per_step / (2 * T) / len(pairs):.1f}",
+        **epochs_entry("dpo", cfg.max_steps, cfg.micro_batch_size * grad_accum * accelerator.num_processes,
+                       len(pairs)),
     })
 
     slicer = Slicer(cfg.micro_batch_size, grad_accum, accelerator.process_index, accelerator.num_processes)

@@ -42,7 +42,7 @@ from gptlab.evaluation import (
     share,
     token_metrics,
 )
-from gptlab.fileio import atomic_write_json, atomic_write_text
+from gptlab.fileio import replace_folder, write_new
 from gptlab.sampling import Sampling, generate
 from gptlab.stage import announce, read_split, run, say, start
 from gptlab.tokenizer import load_tokenizer
@@ -190,12 +190,12 @@ def main() -> None:
 
     prompts = [encode_segments(tok, segments(i.conv, generating=True)).ids.tolist() for i in items[: ecfg.n_samples // 2]]
     prompts += [tok.encode(item["ctx"]) for item in mc_items[: ecfg.n_samples - len(prompts)]]
-    out = paths.metrics_dir("evaluate") / name
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "metrics.json", m)
-    atomic_write_text(out / "scores.json", json.dumps(score_rows(m), indent=1) + "\n")
     texts = samples(model, tok, prompts, ecfg, params.seed)
-    atomic_write_text(out / "samples.md", report(name, folder, items, answers, prompts, texts, tok, ecfg))
+    # the three files in one swap, once all is computed: a failure or a kill leaves the previous scores whole
+    with replace_folder(paths.metrics_dir("evaluate") / name) as out:
+        write_new(out / "metrics.json", (json.dumps(m, indent=2) + "\n").encode())
+        write_new(out / "scores.json", (json.dumps(score_rows(m), indent=1) + "\n").encode())
+        write_new(out / "samples.md", report(name, folder, items, answers, prompts, texts, tok, ecfg).encode())
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from gptlab.data.formats import collate, encode_conversations
 from gptlab.data.loader import Slicer, StepCache, step_rows, to_device
 from gptlab.evaluation import examples_loss
 from gptlab.losses import token_loss
-from gptlab.stage import announce, run, stage_inputs, stage_meta, start
+from gptlab.stage import announce, empty_entry, epochs_entry, run, stage_inputs, stage_meta, start
 from gptlab.train import Task, train
 
 
@@ -31,10 +31,12 @@ def main() -> None:
     announce(accelerator, "sft", {
         "init": f"{init_from} (step {parent_meta['step']}, {model.num_params() / 1e6:.2f}M params)",
         "data": sets.source,
+        **empty_entry(sets.empty),
         "template": sets.train[0].template,
         "examples": train_set.describe(),
         "grad_accum": grad_accum,
-        "epochs": f"{cfg.max_steps * cfg.tokens_per_step / T / len(examples):.1f}",
+        **epochs_entry("sft", cfg.max_steps, cfg.micro_batch_size * grad_accum * accelerator.num_processes,
+                       len(examples)),
         **({"packing": f"up to {T} positions per row"} if cfg.packing else {}),
     })
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from gptlab import paths
 from gptlab.config import GptlabError
 from gptlab.data.formats import Conversation, Message, encode_segments, format_prompt, segments
-from gptlab.data.sources import check_sources, mixed_documents, tokenizer_sample
-from gptlab.data.tokenize import Budgets, write_shards
+from gptlab.data.sources import check_sources, empty_split_problem, mixed_documents, tokenizer_sample
+from gptlab.data.tokenize import Budgets, EmptySplit, write_shards
 from gptlab.data.world import build_world
 from gptlab.fileio import atomic_write_json, write_jsonl
 from gptlab.stage import announce, data_params, run, say, start
@@ -54,8 +54,12 @@ def main() -> None:
         stop: set[tuple[int, str]] = set()
         docs = mixed_documents(data.sources, params.seed, root, world, stop)
         budgets = Budgets(total=data.max_tokens, per_source=tuple(s.max_tokens for s in data.sources), val=data.val_tokens)
-        stats = write_shards(docs, Path(tmp) / "tokenizer", paths.SHARDS, shard_tokens=data.shard_tokens,
-                             workers=data.workers, budgets=budgets, stop=stop)
+        try:
+            stats = write_shards(docs, Path(tmp) / "tokenizer", paths.SHARDS, shard_tokens=data.shard_tokens,
+                                 workers=data.workers, budgets=budgets, stop=stop)
+        except EmptySplit as e:  # say which source left the split empty, with its own settings
+            problem = empty_split_problem(e.split, data.sources, e.stats["per_source"], stop, data.max_tokens)
+            raise GptlabError(f"[tokenize] {problem}") from None
     n_tokens = {split: stats[split]["n_tokens"] for split in ("train", "val")}
     tok.save(paths.TOKENIZER)
     write_jsonl(paths.SFT_TRAIN, sft_train)
@@ -83,8 +87,23 @@ def main() -> None:
         "val tokens": n_tokens["val"],
         **({"entropy floor": f"{info['entropy_floor']:.3f} nats/token"} if "entropy_floor" in info else {}),
         "longest example": f"{longest} tokens",
+        **({"caps": caps} if (caps := cap_notes(data, stats)) else {}),
         **({"left out": ", ".join(f"{n} {k}" for k, n in dropped.items() if n)} if any(dropped.values()) else {}),
     })
+
+
+def cap_notes(data, stats: dict) -> str:
+    """The token caps the run reached, each with what it actually took: whole documents are admitted, so the one
+    that reaches a cap runs past it by up to its own length (a cap of 5 can give a few hundred tokens)."""
+    per_source = stats["per_source"]
+    caps = [(f"data.sources[{i}].max_tokens", s.max_tokens, per_source[i]["train_tokens"], "train")
+            for i, s in enumerate(data.sources) if i < len(per_source)]
+    caps += [("data.max_tokens", data.max_tokens, stats["train"]["n_tokens"], "train"),
+             ("data.val_tokens", data.val_tokens, stats["val"]["n_tokens"], "val")]
+    notes = [f"{key} {cap} took {n} {split} tokens" for key, cap, n, split in caps if cap and n >= cap]
+    if not notes:
+        return ""
+    return ", ".join(notes) + " (whole documents are taken: the one that reaches a cap is kept whole, EOT included)"
 
 
 ENCODED = ("question", "response", "chosen", "rejected", "ctx", "endings")  # the fields later stages encode

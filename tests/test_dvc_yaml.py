@@ -47,7 +47,7 @@ def test_one_evaluate_stage_per_model_from_params():
 def test_check_runs_first_on_any_params_change_and_everything_waits_for_it():
     check = DVC["stages"]["check"]
     assert check["params"] == [{"params.yaml": None}]  # the whole file: unknown top-level keys too
-    assert check["outs"] == [{str(paths.PARAMS_CHECKED): {"persist": True}}]  # never deleted before a run
+    assert outs("check") == {str(paths.PARAMS_CHECKED), *(str(paths.inputs_file(s)) for s in paths.INPUT_STAGES)}
     for name in STAGES[1:]:
         assert str(paths.PARAMS_CHECKED) in DVC["stages"][name].get("do", DVC["stages"][name])["deps"], name
 
@@ -62,7 +62,7 @@ def test_training_stages_cache_checkpoints_and_keep_metrics_in_git():
     for stage, parent in (("pretrain", None), ("sft", "pretrain"), ("dpo", "sft")):
         spec = DVC["stages"][stage]
         assert str(paths.checkpoint_dir(stage)) in outs(stage)
-        assert {"metrics/" + stage: {"cache": False}} in spec["outs"]
+        assert {"metrics/" + stage: {"persist": True, "cache": False}} in spec["outs"]
         if stage == "sft":  # its start point, whichever params name: the pretrain checkpoint by default
             assert "${sft.init}" in spec["deps"] and SFTConfig().init == str(paths.checkpoint_dir(parent))
         elif parent:
@@ -117,12 +117,24 @@ def test_reference_log_probs_are_their_own_stage_so_a_beta_or_loss_sweep_reuses_
     assert "dpo" not in ref["params"]  # not the whole section: beta, loss_type, lr ... do not rerun it
 
 
-def test_fine_tuning_stages_depend_on_the_folders_their_local_inputs_live_in():
+def test_every_output_stays_in_place_until_its_stage_succeeds():
+    """persist: true everywhere: DVC deletes no output before running its stage (tests/test_failures.py runs
+    stages that fail on input only they can find, and the workspace is unchanged)."""
+    for name, stage in DVC["stages"].items():
+        stage = stage.get("do", stage)
+        for out in stage["outs"] + stage.get("metrics", []):
+            assert isinstance(out, dict) and next(iter(out.values())).get("persist") is True, (name, out)
+
+
+def test_fine_tuning_stages_depend_on_checks_list_of_the_finetune_files_they_read():
+    """check (which depends on the whole finetune/ folder) lists each stage's files with their SHA-256; the
+    stages depend on their list, so a file only dpo reads does not rerun sft (tests/test_pipeline.py)."""
     from gptlab.config import FINETUNE_DIR, MODELS_DIR
 
-    for stage in ("sft", "ref_logps", "dpo"):
-        assert FINETUNE_DIR in DVC["stages"][stage]["deps"], stage
-    assert MODELS_DIR in DVC["stages"]["check"]["deps"]  # sft.init and evaluate.models folders are checked
+    assert {FINETUNE_DIR, MODELS_DIR} <= set(DVC["stages"]["check"]["deps"])  # the files and model folders checked
+    for stage, listed in (("sft", "sft"), ("ref_logps", "dpo"), ("dpo", "dpo"), ("evaluate", "evaluate")):
+        deps = DVC["stages"][stage].get("do", DVC["stages"][stage])["deps"]
+        assert str(paths.inputs_file(listed)) in deps and FINETUNE_DIR not in deps, stage
     for folder in (FINETUNE_DIR, MODELS_DIR):  # dvc needs a dependency to exist
         assert (ROOT / folder).is_dir() and any((ROOT / folder).iterdir())
 

@@ -3,7 +3,9 @@ Ctrl-C, a killed dvc process, and a second run of a stage that is still running.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import merge, project_env, sh, tokenized_copy
+
+from gptlab import paths
 
 pytestmark = pytest.mark.slow
 OUTPUTS = ("data", "checkpoints", "metrics")
@@ -56,6 +60,68 @@ def test_a_rejected_params_change_loses_nothing_and_recomputes_nothing(tiny_proj
     for stage in ("tokenize", "pretrain", "sft", "dpo", "evaluate"):
         assert f"Running stage '{stage}'" not in log, log
     assert digest(p) == before
+
+
+def bad_corpus_record(p: Path) -> dict:
+    """A jsonl corpus whose third record has no text: only tokenize, reading every record, finds it."""
+    rows = [{"text": f"document {i}"} for i in range(6)]
+    rows[2] = {"body": "no text field"}
+    (p / "corpus" / "extra.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"data": {"sources": [{"kind": "world", "weight": 0.9},
+                                 {"kind": "files", "paths": ["corpus/extra.jsonl"], "weight": 0.1}]}}
+
+
+def damaged_init_weights(p: Path) -> dict:
+    """sft.init names a copy of the pretrain checkpoint whose weights were damaged: its JSON is fine (what check
+    reads), its SHA-256 is not (what sft's load checks)."""
+    shutil.copytree(p / "checkpoints" / "pretrain", p / "models" / "damaged")
+    weights = p / "models" / "damaged" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.unlink()
+    weights.write_bytes(bytes(data))
+    return {"sft": {"init": "models/damaged"}}
+
+
+def bad_mc_item(p: Path) -> dict:
+    """evaluate.mc_path: a local HellaSwag-schema folder whose fourth item's label is out of range."""
+    items = [{"ctx": f"Item {i} says", "endings": [" a", " b"], "label": 0} for i in range(6)]
+    items[3]["label"] = 7
+    (p / "finetune" / "mc").mkdir()
+    (p / "finetune" / "mc" / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    return {"evaluate": {"mc_path": "finetune/mc"}}
+
+
+@pytest.mark.parametrize("make,stage,needle", [
+    (bad_corpus_record, "tokenize", "extra.jsonl"),
+    (damaged_init_weights, "sft", "models/damaged"),
+    (bad_mc_item, "evaluate@pretrain", "label"),
+], ids=["tokenize-record-3", "sft-init-weights", "evaluate-mc-item-4"])
+def test_a_stage_that_finds_its_input_bad_keeps_every_output(tiny_project, make, stage, needle):
+    """What only the stage can find (check reads params and first records only): DVC would have deleted the
+    stage's outputs before running it (metrics are git-tracked: no cache brings them back); `persist: true`
+    keeps them, and the stage replaces them only once it has succeeded."""
+    p = tiny_project
+    before = digest(p)
+    old = edit_params(p, make(p))
+    try:
+        out = sh("dvc repro", p, check=False)
+    finally:
+        (p / "params.yaml").write_text(old)
+        for extra in ("corpus/extra.jsonl", "models/damaged", "finetune/mc"):
+            target = p / extra
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    log = out.stdout + out.stderr
+    assert out.returncode != 0 and f"Running stage '{stage}'" in log, log
+    assert len(error_lines(log)) == 1 and needle in error_lines(log)[0] and "Traceback" not in log, log
+    # every output of every stage still there, unchanged; but check's list of the files each stage reads,
+    # which check (it passed) wrote for the new params
+    listed = str(paths.INPUTS)
+    assert {k: v for k, v in digest(p).items() if not k.startswith(listed)} == \
+        {k: v for k, v in before.items() if not k.startswith(listed)}
+    again = sh("dvc repro", p).stdout
+    for name in ("tokenize", "pretrain", "sft", "dpo", "evaluate"):  # check reran: its params are back
+        assert f"Running stage '{name}" not in again, again
 
 
 def test_a_misspelt_top_level_section_stops_dvc_repro(tiny_project):

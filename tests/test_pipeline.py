@@ -160,6 +160,43 @@ def test_a_dpo_only_experiment_rescores_only_the_dpo_model(tiny_project):
     sh("git checkout -q -- . && dvc checkout -q", p)
 
 
+def changed_stages(project: Path) -> set[str]:
+    """The stages `dvc status` says would rerun, once check has listed each stage's files (data/inputs)."""
+    sh("dvc repro check", project)
+    status = sh("dvc status --json", project).stdout
+    return set(json.loads(status)) - {"check"}
+
+
+def test_a_finetune_file_reruns_only_the_stages_that_read_it(tiny_project):
+    """Stages depend on check's list of the finetune/ files they read, not on the whole folder."""
+    p = tiny_project
+    text = (p / "params.yaml").read_text()
+    rows = [{"prompt": f"Q{i}?", "chosen": " yes", "rejected": " no"} for i in range(8)]
+    try:
+        (p / "finetune" / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        assert changed_stages(p) == set()  # a file no stage reads yet
+        params = yaml.safe_load(text)
+        params["dpo"]["data"] = {**params["dpo"]["data"], "format": "preference", "paths": ["finetune/prefs.jsonl"],
+                                  "val_share": 0.25}
+        (p / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        reading = {"ref_logps", "dpo", "evaluate@pretrain", "evaluate@sft", "evaluate@dpo"}
+        assert changed_stages(p) == reading  # dpo.data is now that file: sft does not read it
+        with open(p / "finetune" / "prefs.jsonl", "a") as f:
+            f.write(json.dumps(rows[0]) + "\n")
+        assert changed_stages(p) == reading
+        outside = p / "prefs_elsewhere.jsonl"
+        shutil.copy(p / "finetune" / "prefs.jsonl", outside)
+        params["dpo"]["data"]["paths"] = [outside.name]
+        (p / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        out = sh("dvc repro check", p, check=False)
+        assert out.returncode != 0 and "dpo.data.paths: 'prefs_elsewhere.jsonl' is not under finetune/" in out.stderr
+    finally:
+        (p / "params.yaml").write_text(text)
+        (p / "finetune" / "prefs.jsonl").unlink(missing_ok=True)
+        (p / "prefs_elsewhere.jsonl").unlink(missing_ok=True)
+    assert changed_stages(p) == set()
+
+
 def test_a_model_added_to_evaluate_models_is_scored_alone_and_as_itself(tiny_project):
     """A checkpoint copied under models/ and listed in evaluate.models gets its own stage: nothing else reruns,
     and it scores exactly what the original scores (same weights, same hash, same numbers)."""

@@ -234,7 +234,7 @@ def test_text_field_not_a_string(tmp_path):
 
 def test_unreadable_file(tmp_path):
     msg = bad(tmp_path, files("a.jsonl"), name="a.jsonl", content="not json\n")
-    assert msg.startswith("data.sources[1].paths: cannot") and "a.jsonl" in msg and "\n" not in msg
+    assert msg.startswith("data.sources[1].paths: ") and "a.jsonl:1: not a JSON object" in msg and "\n" not in msg
 
 
 def test_non_utf8_txt_names_the_file(tmp_path):

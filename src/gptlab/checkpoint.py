@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import typing
@@ -37,6 +38,7 @@ WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
 TIED = "lm_head.weight"  # shares storage with transformer.wte.weight; stored once
+MAX_LISTED = 8  # model folders a "not found" error names as what to pass instead
 
 
 class CheckpointError(GptlabError):
@@ -125,12 +127,31 @@ def model_kind(folder: str | Path) -> str:
         return GPTLAB
     if hf_gpt2.is_hf_folder(folder):
         return HF
-    what = "not found" if not os.path.lexists(folder) else \
+    missing = not os.path.lexists(folder)
+    what = "not found" if missing else \
         f"holds neither {META_FILE} (a gptlab checkpoint) nor {hf_gpt2.CONFIG_FILE} (a Hugging Face GPT-2)"
-    pipeline = {os.path.abspath(paths.checkpoint_dir(stage)) for stage in paths.TRAIN_STAGES}
-    fix = _remake(folder) if os.path.abspath(folder) in pipeline else \
-        "put one there (gptlab export-hf CHECKPOINT OUT_DIR writes a Hugging Face GPT-2) or name another folder"
+    if _stage_folder(folder):
+        fix = _remake(folder)
+    elif missing:  # most likely a typo: say what is there to pass instead
+        fix = _models_beside(folder)
+    else:
+        fix = ("put one there (gptlab export-hf CHECKPOINT OUT_DIR writes a Hugging Face GPT-2) or name another "
+               "folder")
     raise CheckpointError(f"{folder}: {what}; {MODEL_FOLDERS}: {fix}")
+
+
+def _models_beside(folder: Path) -> str:
+    """What to pass instead of a folder that does not exist: the model folders in its parent folder."""
+    parent = folder.parent
+    if not parent.is_dir():
+        return f"{parent} does not exist either; check the path"
+    entries = itertools.islice(parent.iterdir(), MAX_LISTED * 100)  # a huge folder is not worth a slow error
+    found = sorted(str(p) for p in entries if (p / META_FILE).is_file() or hf_gpt2.is_hf_folder(p))
+    if not found:
+        return (f"{parent} holds no model folder; name an existing one, or write one there (gptlab export-hf "
+                "CHECKPOINT OUT_DIR writes a Hugging Face GPT-2)")
+    more = f" (and {len(found) - MAX_LISTED} more)" if len(found) > MAX_LISTED else ""
+    return f"pass one that exists: {', '.join(found[:MAX_LISTED])}{more}"
 
 
 def read_meta(directory: str | Path) -> dict:
@@ -217,8 +238,19 @@ def _read_meta_file(directory: Path) -> tuple[dict, GPTConfig]:
 
 
 def _remake(directory: Path) -> str:
-    """How to fix a damaged checkpoint; a pipeline checkpoint's folder is named after its stage."""
-    return f"rerun the stage that made it (dvc repro {Path(os.path.abspath(directory)).name}) or dvc pull"
+    """How to fix a damaged checkpoint; a pipeline checkpoint's folder is named after its stage. A folder in
+    checkpoints/ that is named after no stage was put there by hand, and no stage remakes it."""
+    folder = Path(os.path.abspath(directory))
+    if folder.parent.name == paths.CHECKPOINTS.name and not _stage_folder(folder):
+        return (f"copy or write it again from wherever it came from (dvc repro remakes only "
+                f"{', '.join(str(paths.checkpoint_dir(stage)) for stage in paths.TRAIN_STAGES)})")
+    return f"rerun the stage that made it (dvc repro {folder.name}) or dvc pull"
+
+
+def _stage_folder(folder: str | Path) -> bool:
+    """Whether folder is a pipeline stage's checkpoint folder, checkpoints/<stage>, of any project."""
+    folder = Path(os.path.abspath(folder))
+    return folder.parent.name == paths.CHECKPOINTS.name and folder.name in paths.TRAIN_STAGES
 
 
 @contextmanager

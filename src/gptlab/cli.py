@@ -23,23 +23,58 @@ checkpoint was fine-tuned with (meta.json's "template"; see gptlab.data.formats)
 learned to; with no --prompt and stdin a terminal it holds a conversation: a line from you, the answer, and so
 on, each turn rendered with everything said before, until an empty line or end of input.
 Bad input (an option out of range, a damaged checkpoint, a prompt the tokenizer cannot encode) ends with one
-`error: ...` line and exit code 2; Ctrl-C with `error: interrupted` and 130.
+`error: ...` line and exit code 2; Ctrl-C with `error: interrupted` and 130, from the moment the command
+starts; a reader that stops early (`gptlab ... | head -1`) with nothing more and 141, as for a command that
+SIGPIPE ends. generate refuses a --max_tokens or --num_samples that cannot fit before it loads the model:
+more than gptlab.sampling.MAX_TOKENS tokens a sample, or more memory than is free (gptlab.sampling.check_size).
 """
 from __future__ import annotations
 
-import argparse
+import signal
 import sys
-from collections.abc import Callable
-from contextlib import closing
-from dataclasses import dataclass
 
-# Only light imports up here: torch takes seconds to import, and a Ctrl-C meanwhile must still end with
-# main's one line rather than a traceback, so the functions below import the heavy modules themselves.
-from gptlab.config import GptlabError
+_early_interrupt = False  # a Ctrl-C came while this module's imports ran: main reports it
+
+
+def _note_interrupt(signum, frame) -> None:
+    global _early_interrupt
+    _early_interrupt = True
+
+
+def _defer_interrupts() -> bool:
+    """Hold a Ctrl-C back while the imports below run (the console script imports this module before it can
+    call main, so an interrupt there would be a traceback); main reports it. Leaves an ignored SIGINT (a
+    background job) or another handler alone, and is skipped outside the main thread (where it cannot be
+    set)."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return False
+    try:
+        signal.signal(signal.SIGINT, _note_interrupt)
+    except ValueError:
+        return False
+    return True
+
+
+_DEFERRED = _defer_interrupts()
+try:
+    import argparse
+    import os
+    from collections.abc import Callable
+    from contextlib import closing
+    from dataclasses import dataclass
+
+    # Only light imports up here: torch takes seconds to import, and a Ctrl-C meanwhile must still end with
+    # main's one line rather than a traceback, so the functions below import the heavy modules themselves.
+    from gptlab.config import GptlabError
+finally:
+    if _DEFERRED:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # generate()'s argument names -> this command's options
 OPTIONS = {"max_new_tokens": "--max_tokens", "temperature": "--temperature", "top_k": "--top_k",
-           "top_p": "--top_p", "repetition_penalty": "--repetition_penalty"}
+           "top_p": "--top_p", "repetition_penalty": "--repetition_penalty",
+           "rows": "--num_samples"}  # rows: samples decoded together (gptlab.sampling.check_size)
+PIPE_CLOSED = 128 + 13  # what the shell reports for a command SIGPIPE cut off (`... | head -1`)
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 CHAT_CUE = "> "  # what the conversation loop writes before it reads your line
 MODEL_ARG = "a gptlab checkpoint or a Hugging Face GPT-2 folder: every command opens it with gptlab.checkpoint.load_model"
@@ -82,6 +117,7 @@ def generate_text(checkpoint: str, prompt: str, max_tokens: int, temperature: fl
     from gptlab.tokenizer import TokenizerError
 
     s = Sampling(max_tokens, temperature, top_k, top_p, repetition_penalty, num_samples, seed, tuple(stop), use_cache)
+    check_size(checkpoint, s)
     model, tok, meta = load_model(checkpoint)  # a gptlab checkpoint or a Hugging Face GPT-2 folder
     try:
         if chat:
@@ -128,6 +164,7 @@ def chat_loop(checkpoint: str, s: Sampling, read: Callable[[], str], write: Writ
     from gptlab.data.formats import Message
     from gptlab.tokenizer import TokenizerError
 
+    check_size(checkpoint, s)
     model, tok, meta = load_model(checkpoint)
     template = chat_template(meta, checkpoint)
     gen = torch.Generator().manual_seed(s.seed)
@@ -200,15 +237,19 @@ def sample_texts(model, tok, ids: list[int], s: Sampling, gen, write: Write | No
     settings = sampling.Sampling(s.max_tokens, s.temperature, s.top_k, s.top_p, s.repetition_penalty)
     steps = sampling.stream(model, [ids] * s.num_samples, settings, generator=gen, n_vocab=tok.n_vocab,
                             use_cache=s.use_cache)
-    with closing(steps):  # stops decoding (and restores the model's mode) as soon as every sample has ended
-        for step in steps:
-            for row, token in zip(rows, step.tolist()):
-                if not row.done:
-                    row.add(token)
-            if write is not None:
-                write(rows[0].fresh())
-            if all(row.done for row in rows):
-                break
+    try:
+        # closing: stops decoding (and restores the model's mode) as soon as every sample has ended
+        with closing(steps):
+            for step in steps:
+                for row, token in zip(rows, step.tolist()):
+                    if not row.done:
+                        row.add(token)
+                if write is not None:
+                    write(rows[0].fresh())
+                if all(row.done for row in rows):
+                    break
+    except sampling.SamplingArgError as e:  # the first step's size check: the prompt is longer than guessed
+        raise option_error(e) from None
     for row in rows:
         row.done = True  # out of tokens: what was held back is final
     if write is not None:
@@ -231,7 +272,7 @@ def check_options(args: argparse.Namespace) -> None:
     try:
         sampling.Sampling(args.max_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     except sampling.SamplingArgError as e:
-        raise UsageError(f"{OPTIONS[e.arg]}: {e.rule}, got {e.value}") from None
+        raise option_error(e) from None
     if not args.num_samples >= 1:
         raise UsageError(f"--num_samples: must be at least 1, got {args.num_samples}")
     if not 0 <= args.seed < SEED_LIMIT:
@@ -242,6 +283,27 @@ def check_options(args: argparse.Namespace) -> None:
         if not stop:  # it would be found before the first token
             raise UsageError("--stop: must not be empty")
         check_text(stop, "--stop")
+
+
+def option_error(e) -> UsageError:
+    """A gptlab.sampling.SamplingArgError, naming this command's option."""
+    return UsageError(f"{OPTIONS[e.arg]}: {e.rule}, got {e.value}")
+
+
+def check_size(checkpoint: str, s: Sampling) -> None:
+    """Refuse a --max_tokens or --num_samples too big to decode, from the folder's JSON files alone: before
+    the weights are loaded or anything is allocated. The prompt counts as one token here (it is not encoded
+    yet); the first decoding step checks again with its real length."""
+    import torch
+
+    from gptlab import sampling
+    from gptlab.checkpoint import check_model_folder
+
+    config = check_model_folder(checkpoint).config
+    try:
+        sampling.check_size(config, s.num_samples, 1, s.max_tokens, torch.device("cpu"))  # where it loads
+    except sampling.SamplingArgError as e:
+        raise option_error(e) from None
 
 
 def check_text(text: str, where: str) -> None:
@@ -384,33 +446,49 @@ def plan_text(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)  # malformed options: argparse's usage message, exit 2
-    if args.command == "run":
-        from gptlab.launch import main as run_stage
-
-        return run_stage(args.launch_args)
+    global _early_interrupt
     try:
-        if args.command == "plan":
-            print(plan_text(args))
-            return 0
-        if args.command == "show-example":
-            print(show_text(args), end="")
-            return 0
-        if args.command == "export-hf":
-            print(export_text(args))
-            return 0
-        if args.command == "info":
-            print(info_text(args))
-            return 0
-        if args.command == "generate":
-            run_generate(args)
+        if _early_interrupt:  # held back while this module was imported
+            _early_interrupt = False
+            raise KeyboardInterrupt
+        code = run_command(parser().parse_args(argv))  # malformed options: argparse's usage message, exit 2
+        sys.stdout.flush()  # here, where a closed pipe is caught, rather than at exit
+        return code
     except GptlabError as e:  # bad options, checkpoints and tokenizers; anything else is a bug: traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return pipe_closed()
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        from gptlab.launch import main as run_stage
+
+        return run_stage(args.launch_args)
+    if args.command == "generate":
+        run_generate(args)
+        return 0
+    text = {"plan": plan_text, "show-example": show_text, "export-hf": export_text, "info": info_text}
+    print(text[args.command](args), end="" if args.command == "show-example" else "\n")
     return 0
+
+
+def pipe_closed() -> int:
+    """Whoever read stdout stopped (`gptlab info ... | head -1`): end quietly, as cat or yes do. Python
+    flushes stdout once more at exit and would report the same broken pipe there, so stdout now goes to
+    devnull."""
+    try:
+        stdout = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # stdout is no file (a test's capture): nothing to flush
+        return PIPE_CLOSED
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stdout)
+    os.close(devnull)
+    return PIPE_CLOSED
 
 
 if __name__ == "__main__":

@@ -407,13 +407,7 @@ def _coerce(tp, value, key: str):
         return value
     if tp is float:
         if isinstance(value, str):
-            hint = ""
-            try:
-                float(value)
-                hint = f" (YAML reads '{value}' as text: write it with a decimal point and signed exponent, e.g. 2.0e-4)"
-            except ValueError:
-                pass
-            raise ConfigError(f"{key}: expected a number, got the string {value!r}{hint}")
+            raise ConfigError(f"{key}: expected a number, got the string {value!r}{_number_text_hint(value)}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
@@ -433,6 +427,26 @@ def _coerce(tp, value, key: str):
         (item_tp, *_rest) = typing.get_args(tp)
         return tuple(_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
     raise TypeError(f"unsupported config type {tp!r} for {key}")  # a programming error, not a user one
+
+
+def _number_text_hint(text: str) -> str:
+    """Why a number came as text, and the fix: quotes around it, or an exponent YAML 1.1 does not read as a
+    number (2e-4: it wants a decimal point and a signed exponent, 2.0e-4)."""
+    try:
+        number = float(text)
+    except ValueError:
+        return ""
+    if not math.isfinite(number):
+        return " (a finite number is needed here)"
+    if isinstance(yaml.safe_load(text), (int, float)):  # without the quotes it would have been a number
+        return f" (the quotes make it text: write {text.strip()} without quotes)"
+    mantissa, _, exponent = text.strip().lower().partition("e")
+    if exponent:
+        mantissa = mantissa if "." in mantissa else mantissa + ".0"
+        fixed = f"{mantissa}e{exponent if exponent[0] in '+-' else '+' + exponent}"
+        return (f" (YAML 1.1 reads an exponent as a number only with a decimal point and a signed exponent: "
+                f"write {fixed}, without quotes)")
+    return " (write it as a plain decimal number, e.g. 0.0002, without quotes)"
 
 
 def _build(cls, raw, where: str):

@@ -124,9 +124,13 @@ def _watch(anchor: tuple[int, str], stage: str) -> None:
         time.sleep(POLL_SECONDS)
         stat = _proc_stat(pid)
         if stat is None or stat[0] is None or stat[2] != started:  # gone, dead, or the pid was reused
-            print(f"error: [{stage}] the dvc process that started this stage (pid {pid}) is gone; stopping",
-                  file=sys.stderr, flush=True)
-            os._exit(1)
+            try:  # dvc's end of the pipe may be closed already: the line is lost, the exit must not be
+                print(f"error: [{stage}] the dvc process that started this stage (pid {pid}) is gone; stopping",
+                      file=sys.stderr, flush=True)
+            except (OSError, ValueError):  # BrokenPipeError; ValueError: stderr closed in this process
+                pass
+            finally:
+                os._exit(1)
 
 
 def _wait_for_ranks(seconds: float) -> None:
@@ -152,11 +156,31 @@ def _quiet_torch_elastic() -> None:
 
 def _exit_code(exc: BaseException) -> int:
     """The failed rank's exit code (a signal's number + 128), so callers see what the stage returned."""
-    failures = getattr(exc, "failures", None) or {}
-    for failure in failures.values():
-        code = getattr(failure, "exitcode", 1)
-        return 128 - code if code < 0 else code or 1
-    return getattr(exc, "returncode", 1) or 1
+    code = _raw_exit_code(exc)
+    return 128 - code if code < 0 else code or 1
+
+
+def _raw_exit_code(exc: BaseException) -> int:
+    """The first failed rank's exit status as Python reports it: negative for a rank killed by a signal
+    (torch elastic's exitcode and subprocess's returncode alike)."""
+    failures = list((getattr(exc, "failures", None) or {}).values())
+    if failures:  # the earliest: the others are often ranks the launcher stopped because of it
+        return getattr(min(failures, key=lambda f: getattr(f, "timestamp", 0)), "exitcode", 1)
+    return getattr(exc, "returncode", 1)
+
+
+def _killed_line(stage: str, exc: BaseException) -> str | None:
+    """The `error:` line for a rank killed by a signal (it printed nothing): which signal, and what to do."""
+    code = _raw_exit_code(exc)
+    if code >= 0:
+        return None  # it exited by itself, having printed why
+    try:
+        name = signal.Signals(-code).name.removeprefix("SIG")
+    except ValueError:
+        name = str(-code)
+    oom = " (out of memory? the kernel's OOM killer sends KILL; see `dmesg`)" if -code == signal.SIGKILL else ""
+    return (f"error: [{stage}] killed by signal {name}{oom}; run it again to resume (a training stage continues "
+            "from its last saved state, the others start over)")
 
 
 def machines(args) -> int:
@@ -242,7 +266,10 @@ def run_stage(stage: str, options: list[str]) -> int:
         print(f"error: {args.config_file}: accelerate launch refused it: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except (subprocess.CalledProcessError, ChildFailedError) as e:
-        return _exit_code(e)  # the stage has printed why
+        killed = _killed_line(stage, e)
+        if killed:  # a signal (the OOM killer's KILL) left the rank no chance to say anything; its progress
+            print(f"\n{killed}", file=sys.stderr, flush=True)  # bar may have been mid-line: start a fresh one
+        return _exit_code(e)  # else the stage has printed why
     except (KeyboardInterrupt, SignalException):
         _wait_for_ranks(STOP_GRACE_SECONDS)  # they are saving a resume state: returning would kill them
         print(f"error: [{stage}] interrupted; run it again to continue (a training stage resumes from its "

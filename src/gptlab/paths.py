@@ -13,6 +13,13 @@ MC_EVAL = DATA / "mc_eval.jsonl"
 REF_LOGPS = DATA / "ref_logps"  # the sft model's log-probs of every preference pair (stages/ref_logps.py)
 DATA_INFO = DATA / "info.json"  # corpus statistics, incl. the entropy floor in nats per token
 PARAMS_CHECKED = DATA / "params_checked"  # the check stage's constant output: every stage depends on it
+INPUTS = DATA / "inputs"  # check's list of the local files each stage reads, with their SHA-256 (stages/check.py)
+INPUT_STAGES = ("sft", "dpo", "evaluate")  # ref_logps reads dpo's files
+
+
+def inputs_file(stage: str) -> Path:
+    return INPUTS / f"{stage}.json"
+
 
 CHECKPOINTS = Path("checkpoints")
 RESUME = CHECKPOINTS / "resume"  # resume states of stopped runs (gptlab/resume.py); untracked, never pushed

@@ -13,23 +13,32 @@ Each step is one call of the model's forward with last_only=True: the new token 
 only the last position goes through the output head. The KV cache is allocated for the whole generation up front
 and the tokens so far live in one preallocated row; the next token is picked on the model's device, and nothing
 waits on the device between steps except the stop_id check (every STOP_CHECK_EVERY steps off the CPU).
+
+Before any of that is allocated, check_size refuses a generation that cannot fit: more than MAX_TOKENS tokens
+a row, or more memory than the device has free (a mistyped max_new_tokens would otherwise ask for terabytes).
 """
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from gptlab.model import GPT
+from gptlab.model import GPT, GPTConfig
 
 STOP_CHECK_EVERY = 16  # steps between stop_id checks on an accelerator (each check waits for the device)
 
 # Near float32's smallest numbers, logits / temperature overflows to inf and softmax returns NaN; 1e-6 keeps
 # far from that and is greedy in effect already (temperature 0 is the way to ask for greedy).
 MIN_TEMPERATURE = 1e-6
+
+# Prompt + new tokens of one row: far beyond any model's context (a row past block_size conditions on its last
+# block_size tokens only), far below what a mistyped count would allocate.
+MAX_TOKENS = 2**20
+GIB = 2**30
 
 
 class SamplingArgError(ValueError):
@@ -59,6 +68,8 @@ class Sampling:
         # written as `not (valid)` so that NaN, which fails every comparison, is rejected too
         if not self.max_new_tokens >= 0:
             raise SamplingArgError("max_new_tokens", "must be 0 or more", self.max_new_tokens)
+        if self.max_new_tokens > MAX_TOKENS:
+            raise SamplingArgError("max_new_tokens", f"must be at most {MAX_TOKENS}", self.max_new_tokens)
         if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < math.inf):
             raise SamplingArgError("temperature", "must be 0 (greedy) or a finite number of at least "
                                    f"{MIN_TEMPERATURE:g}", self.temperature)
@@ -125,11 +136,13 @@ def stream(
     Ends after sampling.max_new_tokens steps, or once every row has made sampling.stop_id (the tokens after a
     row's stop_id are not cut here: generate does that). Stop whenever you like (break out of the loop); no step
     is computed before it is asked for. Arguments as for generate. (torch's inference_mode decorator holds for
-    each step, not between them.)
+    each step, not between them.) A generation too long or too big for the free memory is refused when the
+    first step is asked for, before anything is allocated (SamplingArgError; see check_size).
     """
     _check_args(model, prompts, sampling, 1, n_vocab)
     if len({len(p) for p in prompts}) != 1:
         raise ValueError("stream() decodes prompts of one length together; generate() groups them")
+    check_size(model.config, len(prompts), len(prompts[0]), sampling.max_new_tokens, _device(model))
     was_training = model.training
     model.eval()
     try:
@@ -141,7 +154,7 @@ def stream(
 def _decode(model: GPT, prompts: list[list[int]], s: Sampling, generator: torch.Generator | None, n_vocab: int,
             use_cache: bool) -> Iterator[torch.Tensor]:
     block_size = model.config.block_size
-    device = next(model.parameters()).device
+    device = _device(model)
     B, T0 = len(prompts), len(prompts[0])
     seq = torch.empty(B, T0 + s.max_new_tokens, dtype=torch.long, device=device)  # every token so far
     seq[:, :T0] = torch.tensor(prompts, dtype=torch.long)
@@ -219,6 +232,78 @@ def _cut_at_stop(tokens: list[int], stop_id: int | None) -> list[int]:
     if stop_id is not None and stop_id in tokens:
         return tokens[: tokens.index(stop_id)]
     return tokens
+
+
+# --- size ------------------------------------------------------------------------------------------------------
+
+def check_size(config: GPTConfig, rows: int, prompt_len: int, max_new_tokens: int,
+               device: torch.device | None = None) -> None:
+    """Refuse, before anything is allocated, a generation of rows rows of prompt_len + max_new_tokens tokens
+    that exceeds MAX_TOKENS a row or the memory free on device (None: only MAX_TOKENS). SamplingArgError names
+    "max_new_tokens" or, where one row would fit, "rows" (how many are decoded together)."""
+    tokens = prompt_len + max_new_tokens
+    if tokens > MAX_TOKENS:
+        raise SamplingArgError("max_new_tokens", f"must keep prompt + new tokens within {MAX_TOKENS} (the "
+                               f"prompt has {prompt_len})", max_new_tokens)
+    free = None if device is None else available_bytes(device)
+    need = generation_bytes(config, rows, tokens)
+    if free is None or need <= free:
+        return
+    one_fits = generation_bytes(config, 1, tokens) <= free
+    arg, value = ("rows", rows) if one_fits else ("max_new_tokens", max_new_tokens)
+    raise SamplingArgError(arg, f"decoding {rows} sequence(s) of {tokens} tokens needs about "
+                           f"{need / GIB:.1f} GiB, but {device.type} has {free / GIB:.1f} GiB free; lower it", value)
+
+
+def generation_bytes(config: GPTConfig, rows: int, tokens: int) -> int:
+    """About what _decode keeps for the whole generation: the token rows (int64), the KV cache (keys and
+    values of every layer for at most block_size positions, counted in bf16, the narrowest a cache holds),
+    the seen-token mask and a few float32 (rows, vocab) logit tensors. The forward's passing activations are
+    left out, so what it refuses surely cannot run."""
+    window = min(tokens, config.block_size)
+    cache = 2 * config.n_layer * window * config.n_embd * 2
+    logits = config.vocab_size * (1 + 4 * 4)  # seen mask; logits, probabilities, sorted copy and its order
+    return rows * (tokens * 8 + cache + logits)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation on device can still get; None where it cannot be told."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # blocks torch's allocator holds but does not use are free to it too
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    found = [n for n in (_meminfo_available(), _cgroup_room()) if n is not None]
+    return min(found, default=None)
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            line = next((line for line in f if line.startswith("MemAvailable:")), None)
+        return None if line is None else int(line.split()[1]) * 1024
+    except (OSError, ValueError):  # no /proc (macOS, Windows): physical memory, if the OS tells it
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            return None
+
+
+def _cgroup_room() -> int | None:
+    """A container's memory limit less its use (cgroup v2, then v1): /proc/meminfo shows the host's."""
+    for limit, usage in (("memory.max", "memory.current"),
+                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            with open(f"/sys/fs/cgroup/{limit}") as f, open(f"/sys/fs/cgroup/{usage}") as g:
+                return int(f.read()) - int(g.read())
+        except (OSError, ValueError):  # absent, or "max" (no limit)
+            continue
+    return None
+
+
+def _device(model: GPT) -> torch.device:
+    return next(model.parameters()).device
 
 
 # --- arguments -------------------------------------------------------------------------------------------------

@@ -134,6 +134,24 @@ def announce(accelerator: Accelerator, stage: str, lines: dict) -> None:
     say(accelerator, f"[{stage}] " + " | ".join(f"{k} {v}" for k, v in lines.items()))
 
 
+MANY_EPOCHS = 10  # passes over a fine-tuning set past which the run mostly memorises it: the announcement says so
+
+
+def epochs_entry(stage: str, max_steps: int, rows_per_step: int, n_records: int) -> dict[str, str]:
+    """announce's entry for how many times training sees each record: `epochs 2.5`, or, past MANY_EPOCHS,
+    `83 epochs over 200 records (...)` with the fix, so a set far too small for max_steps is plain to see."""
+    n = max_steps * rows_per_step / n_records
+    if n <= MANY_EPOCHS:
+        return {"epochs": f"{n:.1f}"}
+    return {f"{n:.0f} epochs": f"over {n_records} records ({stage}.max_steps {max_steps} x {rows_per_step} records "
+                               f"per step; add records or lower {stage}.max_steps)"}
+
+
+def empty_entry(n_empty: int) -> dict[str, str]:
+    """announce's entry for the records a fine-tuning set left out with an empty response (none: no entry)."""
+    return {"dropped": f"{n_empty} records with an empty response"} if n_empty else {}
+
+
 def stage_inputs(parent_meta: dict, *files: Path) -> dict[str, str]:
     """Checksums of what a fine-tuning stage reads: its start weights (init_sha256, as meta.json names them)
     and data files (see gptlab.resume). A resume state saved with other names or values is refused."""

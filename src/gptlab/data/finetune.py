@@ -24,6 +24,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,14 @@ from gptlab.config import ConfigError, FinetuneData, GptlabError
 from gptlab.data.formats import ROLES, Conversation, Message, Pair, check_roles
 from gptlab.data.records import read_prefs, read_sft
 from gptlab.data.sources import held_out, one_line, parquet_rows, quiet_datasets
-from gptlab.fileio import iter_jsonl
+from gptlab.fileio import REGENERATE, iter_jsonl
 
 FILE_SUFFIXES = (".jsonl", ".parquet")
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+RESPONSE_FIELD = {"alpaca": "output", "messages": "messages[].content of an assistant turn",
+                  "prompt_completion": "completion"}  # where a conversation format keeps its responses
+VALIDATION_SPLITS = ("validation", "valid", "val", "dev")  # split names that hold labelled items
 SFT_TEMPLATE = {"alpaca": "alpaca", "messages": "chat"}  # prompt_completion: plain (strings) or chat (lists)
 
 
@@ -49,6 +53,7 @@ class Sets:
     heldout: list
     source: str
     dropped: int = 0  # records left out on purpose (world pairs with chosen == rejected)
+    empty: int = 0  # records left out with an empty response (training on end-of-text alone teaches nothing)
 
 
 # --- entry points -------------------------------------------------------------------------------------
@@ -59,7 +64,8 @@ def sft_sets(cfg: FinetuneData, seed: int, key: str = "sft.data") -> Sets:
         def world(path):
             return [Conversation("question", (Message("user", r["question"]), Message("assistant", r["response"])))
                     for r in read_sft(path)]
-        return Sets(world(paths.SFT_TRAIN), world(paths.SFT_HELDOUT), f"world ({paths.SFT_TRAIN})")
+        return _without_empty(Sets(world(paths.SFT_TRAIN), world(paths.SFT_HELDOUT), f"world ({paths.SFT_TRAIN})"),
+                              key, "response")
     parse = {"alpaca": _alpaca, "messages": _messages, "prompt_completion": _prompt_completion}[cfg.format]
     return _split(cfg, seed, key, parse)
 
@@ -72,7 +78,7 @@ def preference_sets(cfg: FinetuneData, seed: int, key: str = "dpo.data") -> Sets
             return [Pair(Conversation("question", (Message("user", r["question"]),)), r["chosen"], r["rejected"])
                     for r in rows], dropped
         (train, dropped), (heldout, _) = world(paths.PREFS_TRAIN), world(paths.PREFS_HELDOUT)
-        return Sets(train, heldout, f"world ({paths.PREFS_TRAIN})", dropped)
+        return _without_empty(Sets(train, heldout, f"world ({paths.PREFS_TRAIN})", dropped), key, "chosen/rejected")
     parse = {"hh_rlhf": _hh_rlhf, "preference": _preference}[cfg.format]
     return _split(cfg, seed, key, parse)
 
@@ -104,23 +110,86 @@ def check_files(cfg: FinetuneData, key: str) -> str:
 # --- reading ------------------------------------------------------------------------------------------
 
 def _split(cfg: FinetuneData, seed: int, key: str, parse) -> Sets:
-    """Records parsed in order; held out by val_split or a seeded val_share; training capped at max_examples."""
+    """Records parsed in order; held out by val_split or a seeded val_share; training capped at max_examples.
+    Records with an empty response are left out and counted (Sets.empty); their numbers still count for the
+    seeded hash, so which records are held out does not depend on them."""
     train, heldout = [], []
+    empty = {"training": Counter(), "held-out": Counter()}  # field -> records dropped, per set
     if cfg.val_split:
-        heldout = [parse(r, w) for w, r in _records(_hub_loader(cfg, cfg.val_split), _what(cfg, cfg.val_split), key)]
+        for where, record in _records(_hub_loader(cfg, cfg.val_split), _what(cfg, cfg.val_split), key):
+            _keep(parse(record, where), heldout, empty["held-out"])
+    n_read = 0
     for n, (where, record) in enumerate(_stream(cfg, key)):
+        n_read += 1
         item = parse(record, where)
         if cfg.val_share and held_out(f"{seed}:{key}:{n}", cfg.val_share):
-            heldout.append(item)
+            _keep(item, heldout, empty["held-out"])
         elif not cfg.max_examples or len(train) < cfg.max_examples:
-            train.append(item)
+            _keep(item, train, empty["training"])
         elif not cfg.val_share:
             break  # nothing more to take
     if not train or not heldout:
+        raise GptlabError(_empty_set_problem(cfg, key, "training" if not train else "held-out", n_read, empty))
+    return Sets(train, heldout, _describe(cfg), empty=sum(sum(c.values()) for c in empty.values()))
+
+
+def _keep(item, into: list, empty: Counter) -> None:
+    """Add the record to `into`, unless its response is empty: then count it under the field that is empty."""
+    field = _empty_field(item)
+    if field:
+        empty[field] += 1
+    else:
+        into.append(item)
+
+
+def _empty_field(item) -> str:
+    """The field of a record whose response is empty ("" if none is): an assistant turn with no text, or a
+    preference pair's chosen or rejected answer. Training on one would teach end-of-text alone."""
+    if isinstance(item, Pair):
+        return "chosen" if not item.chosen.strip() else "rejected" if not item.rejected.strip() else ""
+    return "assistant" if any(not m.content.strip() for m in item.messages if m.role == "assistant") else ""
+
+
+def _without_empty(sets: Sets, key: str, fields: str) -> Sets:
+    """A world set without its records with an empty response (tokenize never writes one; an edited file may)."""
+    train, heldout, empty = [], [], Counter()
+    for item in sets.train:
+        _keep(item, train, empty)
+    for item in sets.heldout:
+        _keep(item, heldout, empty)
+    if not train or not heldout:
         which = "training" if not train else "held-out"
-        raise GptlabError(f"{key}: {_describe(cfg)} gave no {which} records; give more records, or change "
-                          f"{key}.val_share / val_split")
-    return Sets(train, heldout, _describe(cfg))
+        raise GptlabError(f"{key}: every {which} record of {sets.source} has an empty {fields}; {REGENERATE}")
+    return Sets(train, heldout, sets.source, sets.dropped, sum(empty.values()))
+
+
+def _empty_set_problem(cfg: FinetuneData, key: str, which: str, n_read: int, empty: dict[str, Counter]) -> str:
+    """What left the training or held-out set empty, with the fix: no records, only empty responses, or a
+    val_share / val_split that leaves nothing on one side."""
+    data, lost = _describe(cfg), empty[which]
+    if which == "held-out" and cfg.val_split:
+        dropped = f" ({sum(lost.values())} with an empty response dropped)" if lost else ""
+        return (f"{key}.val_split: {cfg.val_split!r} of {_hub_name(cfg)} gave no held-out records{dropped}; set it "
+                "to a split that holds records")
+    if n_read == 0:
+        split = f" split {cfg.split!r}" if cfg.path else ""
+        return f"{key}: {data}{split} holds no records; add records or point {key} at other data"
+    read = empty["training"] + (Counter() if cfg.val_split else empty["held-out"])  # of the n_read records
+    fields = " / ".join(RESPONSE_FIELD.get(cfg.format, f) if f == "assistant" else f
+                        for f in (read if which == "training" else lost))
+    if lost and which == "training":
+        return (f"{key}: {data}: {sum(read.values())} of the {n_read} records read have an empty response (field "
+                f"{fields}), leaving none to train on; fill in the responses or point {key} at other data")
+    if lost:
+        return (f"{key}: {data}: all {sum(lost.values())} held-out records have an empty response (field {fields}); "
+                f"fill in their responses or raise {key}.val_share to hold out more")
+    if which == "training" and cfg.val_share:
+        return (f"{key}: {data}: {n_read} records, val_share {cfg.val_share:g} held out all of them; lower "
+                f"{key}.val_share or add records")
+    if which == "training":
+        return f"{key}: {data}: {n_read} records, none left for training; add records"
+    return (f"{key}: {data}: {n_read} records, val_share {cfg.val_share:g} held out none of them; raise "
+            f"{key}.val_share or add records")
 
 
 def _stream(cfg: FinetuneData, key: str) -> Iterator[tuple[str, dict]]:
@@ -146,7 +215,8 @@ def _what(cfg: FinetuneData, split: str) -> str:
 
 def _hub_loader(cfg: FinetuneData, split: str):
     def load():
-        return quiet_datasets().load_dataset(cfg.path, cfg.name or None, split=split, revision=cfg.revision or None)
+        return quiet_datasets(hub=True).load_dataset(cfg.path, cfg.name or None, split=split,
+                                                     revision=cfg.revision or None)
     return load
 
 
@@ -312,15 +382,16 @@ def hub_mc_items(path: str, name: str, split: str, revision: str, key: str = "ev
     what = f"{path}{' ' + name if name else ''} split {split}"
 
     def load():
-        return quiet_datasets().load_dataset(path, name or None, split=split, revision=revision or None)
+        local = os.path.isdir(path)  # a folder laid out like a hub dataset needs no network
+        return quiet_datasets(hub=not local).load_dataset(path, name or None, split=split, revision=revision or None)
 
-    items = [_mc_item(record, where) for where, record in _records(load, what, key)]
+    items = [_mc_item(record, where, split) for where, record in _records(load, what, key)]
     if not items:
         raise ConfigError(f"{key}: {what} holds no items; name a split with labelled items, e.g. validation")
     return items
 
 
-def _mc_item(record: dict, where: str) -> dict:
+def _mc_item(record: dict, where: str, split: str) -> dict:
     endings = record.get("endings")
     if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) for e in endings):
         raise GptlabError(f"{where}: field 'endings' should be a list of at least 2 strings")
@@ -328,8 +399,11 @@ def _mc_item(record: dict, where: str) -> dict:
     if isinstance(label, str) and label.strip().isdigit():
         label = int(label)
     if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(endings):
-        raise GptlabError(f"{where}: field 'label' is {label!r}, not an index into its {len(endings)} endings (a "
-                          "test split without labels cannot be scored: use the validation split)")
+        # an unlabelled item (HellaSwag's test split has label "") points at the split; a bad label at the item
+        unlabelled = label in (None, "", -1) and split.lower() not in VALIDATION_SPLITS
+        fix = ("a test split without labels cannot be scored: use the validation split (evaluate.mc_split)"
+               if unlabelled else "fix the item or leave it out")
+        raise GptlabError(f"{where}: field 'label' is {label!r}, not an index into its {len(endings)} endings; {fix}")
     item = {k: record[k] for k in ("ctx_a", "ctx_b", "activity_label") if isinstance(record.get(k), str)}
     if "ctx_a" in item and "ctx_b" in item and "activity_label" not in item:
         item.pop("ctx_a"), item.pop("ctx_b")  # lm-eval's context needs all three

@@ -15,7 +15,10 @@ from __future__ import annotations
 import glob
 import hashlib
 import itertools
+import json
+import math
 import os
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,12 @@ VAL, TRAIN = "val", "train"
 FILE_BUILDERS = {".txt": None, ".jsonl": "json", ".parquet": "parquet"}  # extension -> datasets builder
 PICK_BATCH = 4096  # picks drawn per numpy call; fixed, so the batch boundaries never change the sequence
 MIX_KEY = int.from_bytes(b"mix", "big")  # (seed, "mix") as numpy seed entropy: a stream of its own
+# The smallest weight a source may have, relative to the sum of the others: once the other sources are read, the
+# mix draws about 1/MIN_SHARE picks per document of this one (1e-300 would never be drawn: the mix spun forever).
+MIN_SHARE = 1e-6
+# Picks in a row that land on no source with documents left before the mix gives up: with every share at least
+# MIN_SHARE, the odds of such a run are below e^-60, so it only ends a mix that could never finish.
+MAX_IDLE_PICKS = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -43,8 +52,38 @@ def check_sources(sources: tuple[SourceConfig, ...], root: Path, world: World | 
     """Cheap checks before any work: open every source of `kinds` and peek at its first document (every
     file's, for kind files; both splits', for hf with val_split). Returns one log line per source; raises
     ConfigError naming data.sources[i] and the fix. For hf, peeking opens the stream, which needs the network
-    (the check stage, which runs on every params change, looks at files only)."""
+    (the check stage, which runs on every params change, looks at files only). The weights are checked
+    whatever `kinds` holds."""
+    check_weights(sources)
     return [_check_source(i, cfg, root, world) for i, cfg in enumerate(sources) if cfg.kind in kinds]
+
+
+def check_weights(sources: tuple[SourceConfig, ...]) -> None:
+    """Weights the mix can draw from: finite, summing to a finite number, none a negligible share (see MIN_SHARE).
+    config.py checks only that each is positive."""
+    weights = [cfg.weight for cfg in sources]
+    for i, w in enumerate(weights):
+        if not math.isfinite(w):
+            raise ConfigError(f"data.sources[{i}].weight: {w} is not a finite number; give a positive number "
+                              "(only the ratios between the weights matter)")
+    total = sum(weights)  # overflows to inf, as numpy's sum in _pick_batches would
+    if not math.isfinite(total):
+        raise ConfigError(f"data.sources: the weights sum to {total} (too large for a float); scale them all down "
+                          "(only their ratios matter), e.g. to 1.0 for the largest")
+    for i, w in enumerate(weights):
+        others = total - w
+        if others and w < MIN_SHARE * others * (1 - 1e-9):  # the slack: the suggested minimum passes
+            raise ConfigError(
+                f"data.sources[{i}].weight: {w:g} is {w / total:.2g} of the total weight, so the mix would draw "
+                f"this source about once in {total / w:.2g} picks and, once the other sources are read, would run "
+                f"(almost) forever; raise it to at least {_at_least(MIN_SHARE * others)} (a millionth of the "
+                f"other weights' sum) or remove the source")
+
+
+def _at_least(x: float) -> str:
+    """x rounded up to two significant digits, as text."""
+    step = 10.0 ** (math.floor(math.log10(x)) - 1)
+    return f"{math.ceil(x / step * (1 - 1e-12)) * step:.2g}"
 
 
 def documents(index: int, cfg: SourceConfig, seed: int, root: Path, world: World | None) -> Iterator[tuple[str, str]]:
@@ -69,20 +108,37 @@ def mixed_documents(sources: tuple[SourceConfig, ...], seed: int, root: Path, wo
     document and its next train document (see documents()), so each stream keeps its own fixed positions.
 
     `stop` holds (source, split) pairs the consumer no longer wants (a token budget is reached); it may be
-    updated from another thread while this runs. A stream all of whose splits are stopped is no longer read;
-    a source that is exhausted or fully stopped is skipped without reading it (its draws are simply wasted),
+    updated from another thread while this runs. A stream all of whose splits are stopped is no longer read,
     and the iteration ends when every source is exhausted or fully stopped. Contract for the consumer: drop
     every document of a (source, split) pair once it is in `stop`. This generator may still yield some (it
     sees the stop late when the consumer runs ahead in another thread), but what it yields of the pairs not
     stopped is the same sequence whatever the timing, so the consumer's output is deterministic. A stream that
     yields both splits (the world, val_share) is read until both are stopped: stop (i, "val") as well when a
     val_share source's train budget is reached, or it is read to its end for the val documents."""
+    check_weights(sources)
     readers = [_Reader(i, cfg, seed, root, world) for i, cfg in enumerate(sources)]
-    for i in _picks(sources, seed):
-        if all(r.finished(stop) for r in readers):
+    idle = 0  # picks in a row that landed on finished sources only
+    for batch in _pick_batches(sources, seed):
+        # finished is for good (stop only grows), so a pick of a source finished now would read nothing later
+        live = np.array([not r.finished(stop) for r in readers])
+        if not live.any():
             return
-        for split, text in readers[i].pick(stop):
-            yield Document(i, split, text)
+        hits = batch[live[batch]]
+        idle = 0 if hits.size else idle + len(batch)
+        if idle >= MAX_IDLE_PICKS:
+            raise GptlabError(_undrawable(sources, live))
+        for i in hits.tolist():
+            if all(r.finished(stop) for r in readers):
+                return
+            for split, text in readers[i].pick(stop):
+                yield Document(i, split, text)
+
+
+def _undrawable(sources: tuple[SourceConfig, ...], live: np.ndarray) -> str:
+    left = [i for i in range(len(sources)) if live[i]]
+    names = ", ".join(f"data.sources[{i}] (weight {sources[i].weight:g})" for i in left)
+    return (f"{names}: not drawn once in {MAX_IDLE_PICKS} picks of the mix, so the documents left there can never "
+            f"be read; raise {'its weight' if len(left) == 1 else 'their weights'}")
 
 
 def tokenizer_sample(sources: tuple[SourceConfig, ...], seed: int, root: Path, world: World | None,
@@ -104,6 +160,57 @@ def tokenizer_sample(sources: tuple[SourceConfig, ...], seed: int, root: Path, w
         if n_chars >= max_chars:
             stop.update((i, TRAIN) for i in capped)
     return sample
+
+
+def empty_split_problem(split: str, sources: tuple[SourceConfig, ...], per_source: list[dict],
+                        stop: set[tuple[int, str]], max_tokens: int) -> str:
+    """Why no document of the mix went to `split` ("train" or "val"), source by source, each with its fix.
+
+    `per_source` and `stop` are what write_shards left (admitted documents and tokens per source, and the
+    (source, split) pairs a cap stopped); `max_tokens` is data.max_tokens."""
+    reason = _no_val_reason if split == VAL else _no_train_reason
+    reasons = [reason(i, cfg, per_source[i] if i < len(per_source) else {}, stop, max_tokens)
+               for i, cfg in enumerate(sources)]
+    what = "validation" if split == VAL else "training"
+    return f"no {what} documents: " + "; ".join(r for r in reasons if r)
+
+
+def _source_name(i: int, cfg: SourceConfig) -> str:
+    where = {"world": "", "hf": f" {cfg.path}", "files": f" {' '.join(cfg.paths)}"}[cfg.kind]
+    return f"data.sources[{i}] ({cfg.kind}{where})"
+
+
+def _no_val_reason(i: int, cfg: SourceConfig, stats: dict, stop: set, max_tokens: int) -> str:
+    name, docs, key = _source_name(i, cfg), stats.get("docs", 0), f"data.sources[{i}]"
+    if cfg.kind != "world" and not cfg.val_share and not cfg.val_split:
+        return (f"{name} holds out no documents; set {key}.val_share (e.g. 0.05)"
+                + (" or val_split" if cfg.kind == "hf" else ""))
+    if (i, TRAIN) in stop:  # a cap stopped the source; its validation documents stop with its training ones
+        own_cap = cfg.max_tokens and stats.get("train_tokens", 0) >= cfg.max_tokens
+        cap = f"{key}.max_tokens {cfg.max_tokens}" if own_cap else f"data.max_tokens {max_tokens}"
+        held = f", none held out by val_share {cfg.val_share:g}" if cfg.val_share else ""
+        return (f"{name}: {cap} stopped it after {_documents(docs)}{held}; raise the cap"
+                + (f" or {key}.val_share" if cfg.val_share else ""))
+    if cfg.val_split:
+        return f"{name}: val_split {cfg.val_split!r} gave no documents; set {key}.val_split to a split that holds text"
+    if cfg.kind == "world":
+        return f"{name} gave no validation documents"
+    return (f"{name}: {_documents(docs)}, val_share {cfg.val_share:g} gives 0 validation documents; add documents "
+            f"or raise {key}.val_share")
+
+
+def _documents(n: int) -> str:
+    return f"{n} document{'s' * (n != 1)}"
+
+
+def _no_train_reason(i: int, cfg: SourceConfig, stats: dict, stop: set, max_tokens: int) -> str:
+    name, docs, key = _source_name(i, cfg), stats.get("docs", 0), f"data.sources[{i}]"
+    if cfg.val_share:
+        return (f"{name}: val_share {cfg.val_share:g} sent all {docs} of its documents to validation; lower "
+                f"{key}.val_share or add documents")
+    if cfg.val_split:
+        return f"{name}: split {cfg.split!r} gave no documents; set {key}.split to a split that holds text"
+    return f"{name} gave no documents"
 
 
 # --- one source ---------------------------------------------------------------------------------------
@@ -151,12 +258,13 @@ class _Reader:
         return out
 
 
-def _picks(sources: tuple[SourceConfig, ...], seed: int) -> Iterator[int]:
-    """Source indices drawn by weight, forever; the same sequence for the same seed and weights."""
+def _pick_batches(sources: tuple[SourceConfig, ...], seed: int) -> Iterator[np.ndarray]:
+    """Source indices drawn by weight, PICK_BATCH at a time, forever; the same sequence for the same seed and
+    weights (the caller ends the loop: mixed_documents)."""
     weights = np.array([cfg.weight for cfg in sources], dtype=np.float64)
     rng = np.random.default_rng([seed, MIX_KEY])
     while True:
-        yield from rng.choice(len(sources), size=PICK_BATCH, p=weights / weights.sum()).tolist()
+        yield rng.choice(len(sources), size=PICK_BATCH, p=weights / weights.sum())
 
 
 def _route(texts: Iterable[str], index: int, val_share: float, seed: int) -> Iterator[tuple[str, str]]:
@@ -201,7 +309,7 @@ def _check_source(index: int, cfg: SourceConfig, root: Path, world: World | None
 
 def _hf_texts(index: int, cfg: SourceConfig, split_key: str) -> Iterator[str]:
     """The texts of one split of a hub dataset, streamed."""
-    datasets = quiet_datasets()
+    datasets = quiet_datasets(hub=True)
     split = getattr(cfg, split_key)
     what = f"{cfg.path}{' ' + cfg.name if cfg.name else ''} split {split!r}"
     return _record_texts(
@@ -211,14 +319,38 @@ def _hf_texts(index: int, cfg: SourceConfig, split_key: str) -> Iterator[str]:
         open_fix=f"check data.sources[{index}].path, name, {split_key} and revision, and that the network is up")
 
 
-def quiet_datasets():
-    """datasets, imported only when a source needs it (a second the world-only default does without), and
-    quiet: its own log lines about a file it cannot read would precede our one `error:` line."""
-    import datasets
+HUB_PROBE_SECONDS = 3.0  # one connection attempt: the hub client's own retries take 25 s to say "no network"
 
+
+def quiet_datasets(hub: bool = False):
+    """datasets, imported only when a source needs it (a second the world-only default does without), and
+    quiet: its own log lines about a file it cannot read would precede our one `error:` line.
+
+    hub=True: the load may go to the Hugging Face hub. Unless HF_HUB_OFFLINE is set already, one quick
+    connection attempt decides: with no network it runs offline (HF_HUB_OFFLINE=1: the local cache only), so
+    the error comes at once as one line instead of after five logged retries."""
+    if hub and not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # read when datasets and huggingface_hub are first imported
+    import datasets
+    import huggingface_hub
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":  # and where they were imported before
+        huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    huggingface_hub.utils.logging.set_verbosity(huggingface_hub.utils.logging.CRITICAL)
     datasets.disable_progress_bars()
     return datasets
+
+
+def _hub_reachable() -> bool:
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=HUB_PROBE_SECONDS).close()
+        return True
+    except OSError:
+        return False
 
 
 def _files_texts(index: int, cfg: SourceConfig, root: Path) -> Iterator[str]:
@@ -256,8 +388,42 @@ def _file_texts(index: int, cfg: SourceConfig, path: Path) -> Iterator[str]:
             return []
         return datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True)
 
-    return _record_texts(load, index, cfg.text_field, str(path), open_key=f"data.sources[{index}].paths",
-                         open_fix="fix or remove the file")
+    texts = _record_texts(load, index, cfg.text_field, str(path), open_key=f"data.sources[{index}].paths",
+                          open_fix="fix or remove the file")
+    return _with_line_numbers(texts, index, cfg.text_field, path) if builder == "json" else texts
+
+
+def _with_line_numbers(texts: Iterator[str], index: int, field: str, path: Path) -> Iterator[str]:
+    """datasets counts a .jsonl file's records by its batches, not by line: on a bad record, find the file's
+    first bad line ourselves (only then, streaming) so the message names `file:LINE` as an editor shows it."""
+    try:
+        yield from texts
+    except ConfigError:
+        located = _first_bad_line(index, field, path)
+        if located is None:
+            raise
+        raise ConfigError(located) from None
+
+
+def _first_bad_line(index: int, field: str, path: Path) -> str | None:
+    key = f"data.sources[{index}]"
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                return f"{key}.paths: {path}:{n}: not a JSON object ({one_line(e)}); fix or remove the line"
+            if not isinstance(record, dict):
+                return f"{key}.paths: {path}:{n}: not a JSON object; fix or remove the line"
+            text = record.get(field)
+            if not isinstance(text, str):
+                got = f"has no field {field!r} (fields: {', '.join(record) or 'none'})" if field not in record else \
+                    f"field {field!r} holds {'null' if text is None else type(text).__name__}, not a string"
+                return f"{key}.text_field: {path}:{n} {got}; fix the line, or set {key}.text_field to the field " \
+                       f"that holds the text"
+    return None
 
 
 def parquet_rows(path: Path) -> int:

@@ -75,7 +75,8 @@ def write_shards(docs: Iterable[Document], tokenizer_dir: Path, out_dir: Path, *
     "per_source": [{"train_tokens", "val_tokens", "docs"}, ...]} (admitted documents and tokens, EOTs included).
 
     `budgets.per_source` should have one entry per source (0 = no cap), so that when the total or val cap is
-    reached `stop` names every source, also those not seen yet. Raises GptlabError if a split ends up empty.
+    reached `stop` names every source, also those not seen yet. Raises EmptySplit (a GptlabError) if a split
+    ends up empty.
     """
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be at least 1, got {shard_tokens}")
@@ -108,7 +109,7 @@ def write_shards(docs: Iterable[Document], tokenizer_dir: Path, out_dir: Path, *
                 pool = None
             for writer in writers.values():
                 writer.close()
-            _check_not_empty(writers, out_dir)
+            _check_not_empty(writers, out_dir, consumer)
         finally:
             if pool is not None:
                 pool.terminate()
@@ -425,10 +426,20 @@ class _SplitWriter:
             self._finish()
 
 
-def _check_not_empty(writers: dict[str, _SplitWriter], out_dir: Path) -> None:
+class EmptySplit(GptlabError):
+    """A split that no document went to; `stats` is what write_shards would have returned, so a caller that knows
+    the sources' settings can say which of them left it empty (gptlab.data.sources.empty_split_problem)."""
+
+    def __init__(self, message: str, split: str, stats: dict):
+        super().__init__(message)
+        self.split, self.stats = split, stats
+
+
+def _check_not_empty(writers: dict[str, _SplitWriter], out_dir: Path, consumer: _Consumer) -> None:
     if not writers["train"].n_tokens:
-        raise GptlabError(f"{out_dir}: no training documents: every document read was validation or over "
-                          "budget; check data.sources (their val_share / val_split) and data.max_tokens")
+        raise EmptySplit(f"{out_dir}: no training documents: every document read was validation or over "
+                         "budget; check data.sources (their val_share / val_split) and data.max_tokens",
+                         "train", consumer.stats())
     if not writers["val"].n_tokens:
-        raise GptlabError(f"{out_dir}: no validation documents: set data.sources[i].val_share or val_split "
-                          "for at least one source")
+        raise EmptySplit(f"{out_dir}: no validation documents: set data.sources[i].val_share or val_split "
+                         "for at least one source", "val", consumer.stats())
