@@ -18,7 +18,7 @@ README = (ROOT / "README.md").read_text()
 DOCS = {p.name: p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))}
 # the Sampling section's commands run on the embedded default (others need a GPT-2 run and the network)
 SAMPLING = DOCS["03-fine-tuning.md"].split("\n## Sampling\n")[1].split("\n## ")[0]
-TEST_COMMAND = "python -m pytest --durations=25"
+TEST_COMMAND = "python -m pytest -n auto --durations=25"
 GENERATE = [line.strip() for line in SAMPLING.splitlines() if line.strip().startswith("gptlab generate ")]
 
 

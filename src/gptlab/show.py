@@ -21,13 +21,13 @@ GREEN, RESET = "\033[1;32m", "\033[0m"
 def tokenizer_and_context(params: Params, stage: str) -> tuple[Tokenizer, int, str]:
     """(tokenizer, block_size, where they came from) for the stage's examples."""
     from gptlab.checkpoint import check_model_folder
-    from gptlab.tokenizer import load_tokenizer
+    from gptlab.tokenizer import META_FILE, load_tokenizer
 
     parent = params.sft.init if stage == "sft" else str(paths.checkpoint_dir("sft"))
     if parent not in PIPELINE_MODELS.values() or os.path.lexists(parent):  # the pipeline's may not be made yet
         found = check_model_folder(parent)  # what load_model checks, without reading the weights
         return found.tokenizer(), found.config.block_size, parent
-    if not (paths.TOKENIZER / "meta.json").exists():
+    if not (paths.TOKENIZER / META_FILE).exists():  # the file load_tokenizer reads first
         raise GptlabError(f"no tokenizer yet: neither {parent} nor {paths.TOKENIZER} exists; run the tokenize "
                           "stage first (dvc repro tokenize)")
     return load_tokenizer(paths.TOKENIZER), params.model.block_size, f"{paths.TOKENIZER}, model.block_size"
